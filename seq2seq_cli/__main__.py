@@ -1,0 +1,5 @@
+"""`python -m seq2seq_cli ...` works like `translate ...`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,259 @@
+"""The `translate` command line (Typer). Thin: parse options, call one workflow function, print.
+
+User mistakes (bad recipe, missing or malformed file, unusable checkpoint) end with a one-line
+`error: ...` on stderr and exit code 2; a signal during training exits 130/143 after saving.
+Heavy modules (torch) are imported inside the commands so `--help` and `recipe show` are quick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Iterator, List, Optional
+
+import typer
+
+from .recipe import RecipeError, UserError, dump_recipe, load_recipe
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="translate: train and run Transformer translation models from YAML recipes.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
+app.add_typer(recipe_app, name="recipe")
+
+RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe file", show_default=False)]
+SetOpt = Annotated[Optional[List[str]], typer.Option("--set", help="override a recipe key: KEY.PATH=VALUE (repeatable)")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn our user-facing exceptions into `error: ...` + exit 2 (130/143 for signals)."""
+    try:
+        yield
+    except UserError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        raise typer.Exit(130)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    except Exception as exc:  # TrainingInterrupted is imported lazily; match it by its exit_code
+        if hasattr(exc, "exit_code") and type(exc).__name__ == "TrainingInterrupted":
+            sys.stderr.write(f"{exc}\n")
+            raise typer.Exit(exc.exit_code)  # type: ignore[attr-defined]
+        raise
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (`| head`): stop quietly, without Python's flush-time complaint."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise typer.Exit(0)
+
+
+def _load(recipe: Path, overrides: Optional[List[str]], check_files: bool = True):
+    from .recipe import check_data_files
+    r = load_recipe(recipe, overrides or [])
+    if check_files:
+        check_data_files(r)
+    return r
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", force=True,
+                        handlers=[RichHandler(show_path=False, show_time=False, markup=False,
+                                              console=_stderr_console())])
+
+
+def _stderr_console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Print the fully resolved recipe, defaults included.
+
+    Example: translate recipe show recipes/tiny.yaml --set train.max_steps=10
+    """
+    with _user_errors():
+        typer.echo(dump_recipe(load_recipe(recipe, set_ or [])), nl=False)
+
+
+@app.command()
+def tokenizer(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Train the recipe's sentencepiece model(s) on its training corpus.
+
+    Writes OUTPUT_DIR/tokenizer/ and reports the vocabulary size and the average number of
+    pieces per sentence on each side.
+
+    Example: translate tokenizer recipes/bible-en-es.yaml
+    """
+    _setup_logging()
+    with _user_errors():
+        from .pipeline import run_tokenizer
+        report = run_tokenizer(_load(recipe, set_))
+        typer.echo(json.dumps(report))
+
+
+@app.command()
+def train(recipe: RecipeArg, set_: SetOpt = None,
+          nproc: Annotated[int, typer.Option(help="launch N local training processes (torch elastic)")] = 1,
+          progress: Annotated[bool, typer.Option(help="show the live progress bar")] = True) -> None:
+    """Train (or resume) the recipe's Transformer; checkpoints go to OUTPUT_DIR/checkpoints.
+
+    Running it again on the same output directory resumes from checkpoints/last.pt.
+    Ctrl-C saves a checkpoint and exits (code 130).
+
+    Example: translate train recipes/tiny.yaml --set train.max_steps=200
+    """
+    _setup_logging()
+    with _user_errors():
+        r = _load(recipe, set_)
+        if nproc > 1:
+            from .launch import launch_local
+            raise typer.Exit(launch_local(recipe, set_ or [], nproc))
+        from .pipeline import run_train
+        result = run_train(r, progress=progress)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(json.dumps(result))
+
+
+@app.command()
+def decode(
+    checkpoints: Annotated[List[Path], typer.Argument(help="checkpoint file(s); several = an ensemble")],
+    input: Annotated[str, typer.Option("-i", "--input", help="input file, or - for stdin")] = "-",
+    output: Annotated[str, typer.Option("-o", "--output", help="output file, or - for stdout")] = "-",
+    beam: Annotated[Optional[int], typer.Option(min=1, help="beam size (1 = greedy)")] = None,
+    alpha: Annotated[Optional[float], typer.Option(min=0.0, help="length-penalty exponent")] = None,
+    beta: Annotated[Optional[float], typer.Option(min=0.0, help="coverage-penalty weight")] = None,
+    length_penalty: Annotated[Optional[str], typer.Option(help="gnmt: ((5+|Y|)/6)^alpha; power: |Y|^alpha")] = None,
+    n_best: Annotated[Optional[int], typer.Option(min=1, help="print N hypotheses per line as TSV: index, score, text")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="sample instead of searching")] = False,
+    top_k: Annotated[Optional[int], typer.Option(min=0)] = None,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0)] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0)] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    max_len_a: Annotated[Optional[float], typer.Option(min=0.0)] = None,
+    max_len_b: Annotated[Optional[int], typer.Option(min=0)] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(min=1)] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="translate and flush each line as soon as it is read")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all cores)")] = 0,
+    encoding_errors: Annotated[str, typer.Option(help="strict: non-UTF-8 input is an error; replace: U+FFFD")] = "strict",
+) -> None:
+    """Translate a file, or stdin line by line, with a trained checkpoint.
+
+    One output line per input line, in input order; empty lines stay empty. Search settings
+    default to the decode section stored in the checkpoint.
+
+    Examples:
+      translate decode runs/tiny/checkpoints/best.pt -i test.en -o test.hyp --beam 5
+      echo "In the beginning" | translate decode runs/tiny/checkpoints/best.pt
+    """
+    _setup_logging()
+    with _user_errors():
+        from .translate import run_decode
+        overrides = dict(beam=beam, alpha=alpha, beta=beta, length_penalty=length_penalty, n_best=n_best,
+                         sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
+                         max_len_a=max_len_a, max_len_b=max_len_b)
+        run_decode(checkpoints, input, output, overrides, batch_tokens, stream, device, threads, encoding_errors)
+
+
+@app.command()
+def score(
+    hypothesis: Annotated[str, typer.Argument(help="hypothesis file, or - for stdin")],
+    references: Annotated[List[Path], typer.Argument(help="one or more reference files")],
+    metrics: Annotated[str, typer.Option(help="comma-separated: bleu,chrf,ter")] = "bleu,chrf,ter",
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    sentence: Annotated[bool, typer.Option("--sentence", help="per-line scores")] = False,
+    baseline: Annotated[Optional[Path], typer.Option(help="compare with this system (paired bootstrap)")] = None,
+) -> None:
+    """Score detokenised hypotheses against references with sacrebleu (BLEU, chrF, TER).
+
+    Example: translate score runs/bible-en-es/test.hyp data/bible-en-es/test.es
+    """
+    with _user_errors():
+        typer.echo(_score_report(hypothesis, references, [m.strip().lower() for m in metrics.split(",") if m.strip()],
+                                 as_json, sentence, baseline))
+
+
+def _score_report(hypothesis: str, references: List[Path], metrics: List[str], as_json: bool, sentence: bool,
+                  baseline: Optional[Path]) -> str:
+    """Read the files, check line counts, and format corpus / sentence / paired-bootstrap results."""
+    from .data import read_lines
+    from .score import check_same_length, corpus_scores, paired_bootstrap, sentence_scores
+
+    hyps = read_lines(Path("/dev/stdin")) if hypothesis == "-" else read_lines(Path(hypothesis))
+    refs = [read_lines(r) for r in references]
+    check_same_length(hyps, refs, [hypothesis] + [str(r) for r in references])
+    results = corpus_scores(hyps, refs, metrics)
+    out: dict = {"scores": [r.__dict__ for r in results]}
+    if sentence:
+        out["sentences"] = {m: sentence_scores(hyps, refs, m) for m in metrics}
+    if baseline is not None:
+        base = read_lines(baseline)
+        check_same_length(base, refs, [str(baseline)] + [str(r) for r in references])
+        out["paired_bootstrap"] = [paired_bootstrap(base, hyps, refs, m) for m in metrics]
+    if as_json:
+        return json.dumps(out, ensure_ascii=False, indent=1)
+    lines = [f"{r.text}\n  signature: {r.signature}" for r in results]
+    if sentence:
+        names = list(out["sentences"])
+        lines += ["line\t" + "\t".join(names)] + [
+            f"{i + 1}\t" + "\t".join(f"{out['sentences'][m][i]:.2f}" for m in names) for i in range(len(hyps))]
+    for t in out.get("paired_bootstrap", []):
+        verdict = "significant" if t["significant"] else "not significant"
+        lines.append(f"{t['metric']}: baseline {t['baseline']:.2f} -> system {t['system']:.2f} "
+                     f"(95% CI {t['system_ci95'][0]:.2f}-{t['system_ci95'][1]:.2f}), p = {t['p_value']:.4f}: {verdict}")
+    return "\n".join(lines)
+
+
+@app.command()
+def run(recipe: RecipeArg, set_: SetOpt = None,
+        force: Annotated[bool, typer.Option(help="rerun every stage even if its inputs are unchanged")] = False,
+        progress: Annotated[bool, typer.Option(help="show the live progress bar")] = True) -> None:
+    """Run the whole recipe: tokenizer → train → decode the test set → score.
+
+    A stage whose inputs (recipe sections and files) are unchanged since it last completed is
+    skipped; an interrupted training stage resumes.
+
+    Example: translate run recipes/tiny.yaml
+    """
+    _setup_logging()
+    with _user_errors():
+        from .pipeline import run_pipeline
+        result = run_pipeline(_load(recipe, set_), force=force, progress=progress)
+        typer.echo(json.dumps(result))
+
+
+@app.command()
+def average(checkpoints: Annotated[List[Path], typer.Argument(help="checkpoints of the same model")],
+            output: Annotated[Path, typer.Option("-o", "--output", help="averaged checkpoint to write")]) -> None:
+    """Average the weights of several checkpoints into one (for decoding).
+
+    Example: translate average runs/x/checkpoints/step-*.pt -o runs/x/checkpoints/avg.pt
+    """
+    with _user_errors():
+        from .checkpoint import average_checkpoints, save_checkpoint
+        save_checkpoint(output, average_checkpoints(checkpoints))
+        typer.echo(str(output))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

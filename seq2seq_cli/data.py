@@ -1,0 +1,246 @@
+"""Reading, checking and batching parallel text.
+
+Reading: every line is checked (UTF-8, line counts, TSV shape) and cleaned the same way at
+training and decoding time (`clean_line`): a leading BOM, CR line ends, control and
+zero-width characters are removed, tabs become spaces; problems raise `DataError` naming the
+file and the line. Blank pairs are skipped on both sides together and counted.
+
+Batching: pairs are sorted by length into batches of at most `batch_tokens` padded tokens per
+side, then the batch order is shuffled with a seed derived from (seed, epoch), so a resumed run
+rebuilds the same epoch and skips to its position; ranks take disjoint shards.
+
+This room does not know the model. Public names: DataError, read_lines, read_split, clean_line,
+ParallelText, encode_pairs, EncodedCorpus, make_batches, shard_batches, Batch, collate.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .recipe import Split, UserError
+from .tokenizer import Tokenizer
+
+__all__ = ["DataError", "decode_bytes", "read_lines", "iter_lines", "read_split", "clean_line", "ParallelText",
+           "encode_pairs", "EncodedCorpus", "make_batches", "shard_batches", "Batch", "collate"]
+
+
+class DataError(UserError):
+    """A problem with a user's data file; the message names the file and, where known, the line."""
+
+
+# C0/C1 controls except tab/newline, plus zero-width and BOM characters.
+_INVISIBLE = re.compile("[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200b-\u200d\u2060\ufeff]")
+
+
+def clean_line(line: str) -> str:
+    """Strip the line end, drop control / zero-width characters, turn tabs into spaces, trim."""
+    line = line.rstrip("\r\n")
+    if "\t" in line:
+        line = line.replace("\t", " ")
+    if _INVISIBLE.search(line):
+        line = _INVISIBLE.sub("", line)
+    return line.strip()
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a text file")
+
+
+def decode_bytes(raw: bytes, name: str, line_no: int, errors: str, counts: dict) -> str:
+    """UTF-8 decode one line (BOM on line 1 dropped); strict errors name the source and line."""
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if errors == "strict":
+            raise DataError(f"{name}:{line_no}: invalid UTF-8 byte 0x{raw[exc.start]:02x} at column {exc.start + 1} "
+                            "(set encoding_errors to replace to substitute such bytes)") from None
+        counts["replaced_lines"] = counts.get("replaced_lines", 0) + 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_lines(path: Path, errors: str = "strict", counts: Optional[dict] = None) -> Iterator[str]:
+    """Yield the raw lines of a UTF-8 file (line end stripped), lazily.
+
+    errors='strict': a non-UTF-8 line raises DataError with its line number; 'replace': the bad
+    bytes become U+FFFD and `counts['replaced_lines']` is incremented.
+    """
+    _check_path(path)
+    counts = {} if counts is None else counts
+    with open(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            yield decode_bytes(raw, str(path), no, errors, counts).rstrip("\r\n")
+
+
+def read_lines(path: Path, errors: str = "strict", counts: Optional[dict] = None) -> list[str]:
+    """All lines of a file, cleaned by `clean_line`."""
+    return [clean_line(x) for x in iter_lines(path, errors, counts)]
+
+
+@dataclass
+class ParallelText:
+    """Line-aligned source/target sentences and what reading them skipped or changed."""
+
+    src: list[str]
+    tgt: list[str]
+    refs: list[list[str]] = field(default_factory=list)  # extra reference streams (test only)
+    blank_pairs: int = 0
+    replaced_lines: int = 0
+    kept_index: list[int] = field(default_factory=list)  # original 0-based line number of each pair
+
+
+def _read_tsv(path: Path, errors: str, counts: dict) -> tuple[list[str], list[str]]:
+    src, tgt = [], []
+    for no, line in enumerate(iter_lines(path, errors, counts), 1):
+        parts = line.split("\t")
+        if len(parts) != 2:
+            if not line.strip():
+                parts = ["", ""]
+            else:
+                raise DataError(f"{path}:{no}: expected 'source<TAB>target', found {len(parts) - 1} tabs")
+        src.append(clean_line(parts[0]))
+        tgt.append(clean_line(parts[1]))
+    return src, tgt
+
+
+def read_split(split: Split, errors: str = "strict", keep_blank: bool = False) -> ParallelText:
+    """Read and check one split: equal line counts, non-empty; blank pairs skipped unless keep_blank."""
+    counts: dict = {}
+    if split.tsv is not None:
+        src, tgt = _read_tsv(split.tsv, errors, counts)
+        names = [split.tsv]
+    else:
+        assert split.src is not None and split.tgt is not None
+        src, tgt = read_lines(split.src, errors, counts), read_lines(split.tgt, errors, counts)
+        names = [split.src, split.tgt]
+        if len(src) != len(tgt):
+            raise DataError(f"{split.tgt}: has {len(tgt)} lines but {split.src} has {len(src)}; "
+                            "parallel files must be line-aligned")
+    if split.max_lines:
+        src, tgt = src[: split.max_lines], tgt[: split.max_lines]
+    refs = [read_lines(r, errors, counts)[: split.max_lines or None] for r in split.refs]
+    for r, lines in zip(split.refs, refs):
+        if len(lines) != len(src):
+            raise DataError(f"{r}: has {len(lines)} lines but {names[0]} has {len(src)}")
+    if not src:
+        raise DataError(f"{names[0]}: file is empty")
+    keep = [i for i in range(len(src)) if keep_blank or (src[i] and tgt[i])]
+    if not keep:
+        raise DataError(f"{names[0]}: every line pair is blank")
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    return ParallelText(pick(src), pick(tgt), [pick(r) for r in refs], len(src) - len(keep),
+                        counts.get("replaced_lines", 0), keep)
+
+
+@dataclass
+class EncodedCorpus:
+    """Token ids per pair (src ends with EOS; tgt has neither BOS nor EOS) and the filter report."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+    dropped_too_long: int = 0
+    dropped_ratio: int = 0
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def n_tokens(self) -> tuple[int, int]:
+        """Source and target tokens as the model sees them (src incl. EOS, tgt + one BOS/EOS)."""
+        return sum(map(len, self.src)), sum(len(t) + 1 for t in self.tgt)
+
+
+def encode_pairs(text: ParallelText, tok: Tokenizer, max_len: int, max_len_ratio: float = 0.0,
+                 filter_long: bool = True) -> EncodedCorpus:
+    """Encode both sides; drop pairs longer than max_len pieces (+1 for EOS) or beyond the ratio."""
+    src_ids = tok.encode_src_batch(text.src)
+    tgt_ids = tok.encode_tgt_batch(text.tgt)
+    out = EncodedCorpus([], [])
+    for s, t in zip(src_ids, tgt_ids):
+        if filter_long and (len(s) + 1 > max_len or len(t) + 1 > max_len):
+            out.dropped_too_long += 1
+            continue
+        if max_len_ratio > 0 and max(len(s), len(t)) > max_len_ratio * max(1, min(len(s), len(t))):
+            out.dropped_ratio += 1
+            continue
+        out.src.append(s + [tok.eos_id])
+        out.tgt.append(t)
+    return out
+
+
+def make_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens: int, seed: int,
+                 epoch: int) -> list[list[int]]:
+    """Length-bucketed batches of pair indices, in a shuffled order fixed by (seed, epoch).
+
+    A batch holds n pairs with n * max_len <= batch_tokens on each side (padded tokens),
+    max_len counting the model's view of the target (pieces + BOS/EOS). A pair longer than
+    batch_tokens gets a batch of its own.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    jitter = [rng.random() for _ in src_lens]
+    order = sorted(range(len(src_lens)), key=lambda i: (tgt_lens[i], src_lens[i], jitter[i]))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    max_s = max_t = 0
+    for i in order:
+        s, t = src_lens[i], tgt_lens[i] + 1
+        ms, mt = max(max_s, s), max(max_t, t)
+        if cur and (len(cur) + 1) * max(ms, mt) > batch_tokens:
+            batches.append(cur)
+            cur, ms, mt = [], s, t
+        cur.append(i)
+        max_s, max_t = ms, mt
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def shard_batches(batches: list[list[int]], rank: int, world: int, group: int = 1) -> list[list[int]]:
+    """Rank `rank`'s share: batches are dealt in steps of world*group so every rank gets the same
+    number of steps; the remainder that does not fill a whole step is dropped."""
+    per_step = world * group
+    usable = len(batches) - len(batches) % per_step
+    return [b for i, b in enumerate(batches[:usable]) if (i // group) % world == rank]
+
+
+@dataclass
+class Batch:
+    """Padded tensors for one batch. src (B, S); tgt_in = BOS + y (B, T); tgt_out = y + EOS (B, T)."""
+
+    src: Tensor
+    tgt_in: Tensor
+    tgt_out: Tensor
+    n_src: int
+    n_tgt: int
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(self.src.to(device, non_blocking=non_blocking), self.tgt_in.to(device, non_blocking=non_blocking),
+                     self.tgt_out.to(device, non_blocking=non_blocking), self.n_src, self.n_tgt)
+
+
+def _pad(rows: Iterable[list[int]], pad_id: int) -> Tensor:
+    rows = list(rows)
+    out = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def collate(corpus: EncodedCorpus, index: Sequence[int], pad_id: int, bos_id: int, eos_id: int) -> Batch:
+    """Build the padded Batch for the pairs `index` of corpus."""
+    src = [corpus.src[i] for i in index]
+    tgt = [corpus.tgt[i] for i in index]
+    return Batch(_pad(src, pad_id), _pad(([bos_id] + t for t in tgt), pad_id),
+                 _pad((t + [eos_id] for t in tgt), pad_id), sum(map(len, src)), sum(len(t) + 1 for t in tgt))
+

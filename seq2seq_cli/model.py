@@ -1,0 +1,281 @@
+"""The Transformer encoder-decoder (Vaswani et al. 2017) with an incremental-decoding cache.
+
+Mask convention for the whole package: boolean, True = may attend (as in
+`torch.nn.functional.scaled_dot_product_attention`). `src_mask` is (batch, src_len), True at
+real source tokens.
+
+Search sees the model only through two methods:
+  `start(src) -> DecoderState`   encode once; cross-attention keys/values computed once per layer;
+  `step(tokens, state, need_attention) -> (log_probs, attention)`   one target position for every
+      row of the state, appending self-attention keys/values to the state's cache.
+`DecoderState.select(index)` reorders or expands rows (beam search back-pointers).
+
+This room does not read files, recipes (beyond ModelConfig), data or checkpoints.
+Public names: Seq2SeqTransformer, DecoderState, MultiHeadAttention, sinusoidal_positions, build_model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .recipe import ModelConfig
+
+__all__ = ["Seq2SeqTransformer", "DecoderState", "MultiHeadAttention", "sinusoidal_positions", "build_model"]
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+
+    Returns: (n_positions, d_model)
+    """
+    pos = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    inv_freq = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (d/2,)
+    pe = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * inv_freq)
+    pe[:, 1::2] = torch.cos(pos * inv_freq[: d_model // 2])
+    return pe.float()
+
+
+class MultiHeadAttention(nn.Module):
+    """softmax(Q K^T / sqrt(d_k) + mask) V over n_heads heads, through SDPA.
+
+    With `need_weights=True` the probabilities are computed explicitly and returned averaged
+    over heads, shape (batch, tgt_len, src_len); the output is the same either way.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Project x (B, S, D) to keys and values, each (B, H, S, Dh)."""
+        k, v = self.kv_proj(x).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+               causal: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """q (B, T, D) projected here; k, v (B, H, S, Dh); mask broadcastable to (B, H, T, S)."""
+        b, t, d = q.shape
+        qh = self.split_heads(self.q_proj(q))  # (B, H, T, Dh)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = qh @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, H, T, S)
+            if causal:
+                s = k.size(-2)
+                scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t),
+                                            float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.float().softmax(-1).to(qh.dtype)
+            weights = probs.mean(dim=1)  # (B, T, S), heads averaged
+            ctx = F.dropout(probs, p, self.training) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        return self.out_proj(ctx), weights
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = act(x W1 + b1) W2 + b2, act = ReLU (paper) or GELU."""
+
+    def __init__(self, d_model: int, ff_dim: int, activation: str, dropout: float) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, ff_dim), nn.Linear(ff_dim, d_model)
+        self.act = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class _Sublayer(nn.Module):
+    """Residual + LayerNorm around a sublayer: post-norm LN(x + drop(f(x))) or pre-norm x + drop(f(LN(x)))."""
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.norm, self.drop, self.pre_norm = nn.LayerNorm(d_model), nn.Dropout(dropout), pre_norm
+
+    def inp(self, x: Tensor) -> Tensor:
+        return self.norm(x) if self.pre_norm else x
+
+    def out(self, x: Tensor, y: Tensor) -> Tensor:
+        return x + self.drop(y) if self.pre_norm else self.norm(x + self.drop(y))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        pre = cfg.norm == "pre"
+        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ff_dim, cfg.activation, cfg.activation_dropout)
+        self.sub1, self.sub2 = _Sublayer(cfg.d_model, cfg.dropout, pre), _Sublayer(cfg.d_model, cfg.dropout, pre)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = self.sub1.inp(x)
+        k, v = self.attn.keys_values(h)
+        x = self.sub1.out(x, self.attn.attend(h, k, v, mask)[0])
+        return self.sub2.out(x, self.ffn(self.sub2.inp(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        pre, d, p = cfg.norm == "pre", cfg.d_model, cfg.dropout
+        self.self_attn = MultiHeadAttention(d, cfg.n_heads, cfg.attention_dropout)
+        self.cross_attn = MultiHeadAttention(d, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(d, cfg.ff_dim, cfg.activation, cfg.activation_dropout)
+        self.sub1, self.sub2, self.sub3 = _Sublayer(d, p, pre), _Sublayer(d, p, pre), _Sublayer(d, p, pre)
+
+    def forward(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor,
+                self_kv: Optional[tuple[Tensor, Tensor]] = None, need_weights: bool = False
+                ) -> tuple[Tensor, tuple[Tensor, Tensor], Optional[Tensor]]:
+        """x (B, T, D). With self_kv (a cache) x holds only the new positions. Returns the new self K/V."""
+        h = self.sub1.inp(x)
+        k, v = self.self_attn.keys_values(h)
+        if self_kv is not None:
+            k, v = torch.cat([self_kv[0], k], dim=2), torch.cat([self_kv[1], v], dim=2)
+        causal = x.size(1) > 1  # a single new position may see every cached one
+        x = self.sub1.out(x, self.self_attn.attend(h, k, v, causal=causal)[0])
+        ctx, weights = self.cross_attn.attend(self.sub2.inp(x), *cross_kv, mask=src_mask,
+                                              need_weights=need_weights)
+        x = self.sub2.out(x, ctx)
+        return self.sub3.out(x, self.ffn(self.sub3.inp(x))), (k, v), weights
+
+
+@dataclass
+class DecoderState:
+    """What incremental decoding carries between steps, one row per hypothesis.
+
+    cross_kv[l]: keys/values of layer l's cross-attention, (N, H, S, Dh), computed once;
+    self_kv[l]: cached self-attention keys/values, (N, H, T, Dh), grown by one per step;
+    src_mask: (N, S) True at real source tokens; step: number of target positions consumed.
+    """
+
+    cross_kv: list[tuple[Tensor, Tensor]]
+    src_mask: Tensor
+    self_kv: list[Optional[tuple[Tensor, Tensor]]] = field(default_factory=list)
+    step: int = 0
+
+    def select(self, index: Tensor) -> "DecoderState":
+        """Rows `index` of every tensor (reorder after beam back-pointers, or expand to beams)."""
+        pick = lambda kv: None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
+        return DecoderState([pick(kv) for kv in self.cross_kv], self.src_mask.index_select(0, index),
+                            [pick(kv) for kv in self.self_kv], self.step)
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Embeddings * sqrt(d) + positions → N encoder layers; the same for the decoder, then a softmax.
+
+    Shapes: src (B, S) and tgt_in (B, T) token ids; forward returns logits (B, T, V), or
+    (K, V) for the K positions selected by `keep` (B, T) — the loss never pays for padding.
+    """
+
+    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int,
+                 pad_id: int = 0, bos_id: int = 2, eos_id: int = 3) -> None:
+        super().__init__()
+        if cfg.share_embeddings and src_vocab != tgt_vocab:
+            raise ValueError("share_embeddings needs one joint vocabulary")
+        self.cfg, self.pad_id, self.bos_id, self.eos_id = cfg, pad_id, bos_id, eos_id
+        self.tgt_embed = nn.Embedding(tgt_vocab, cfg.d_model, padding_idx=pad_id)
+        self.src_embed = self.tgt_embed if cfg.share_embeddings else nn.Embedding(src_vocab, cfg.d_model,
+                                                                                  padding_idx=pad_id)
+        if cfg.positions == "learned":
+            self.pos_embed: Optional[nn.Embedding] = nn.Embedding(cfg.max_positions, cfg.d_model)
+        else:
+            self.pos_embed = None
+            self.register_buffer("pos_table", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.output = nn.Linear(cfg.d_model, tgt_vocab, bias=False)
+        self.reset_parameters()
+        if cfg.tie_output:
+            self.output.weight = self.tgt_embed.weight
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform matrices, zero biases, embeddings N(0, d^-0.5) with a zero pad row."""
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                nn.init.xavier_uniform_(p)
+            elif p.dim() == 1 and name.endswith("bias"):
+                nn.init.zeros_(p)
+        for emb in {id(m): m for m in (self.src_embed, self.tgt_embed)}.values():
+            nn.init.normal_(emb.weight, 0.0, self.cfg.d_model ** -0.5)
+            with torch.no_grad():
+                emb.weight[self.pad_id].zero_()
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, 0.0, self.cfg.d_model ** -0.5)
+
+    def _embed(self, table: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
+        """table(ids) * sqrt(d) + PE(offset..offset+T), then dropout. ids (B, T) → (B, T, D)."""
+        pos = torch.arange(offset, offset + ids.size(1), device=ids.device)
+        pe = self.pos_embed(pos) if self.pos_embed is not None else self.pos_table[pos]
+        return self.drop(table(ids) * math.sqrt(self.cfg.d_model) + pe)
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src (B, S) → memory (B, S, D), src_mask (B, S)."""
+        src_mask = src.ne(self.pad_id)
+        x = self._embed(self.src_embed, src)
+        attn_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.encoder:
+            x = layer(x, attn_mask)
+        return self.enc_norm(x), src_mask
+
+    def forward(self, src: Tensor, tgt_in: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+        """Teacher-forced logits for training: (B, T, V), or (K, V) at positions where keep is True."""
+        memory, src_mask = self.encode(src)
+        state = self.start_from(memory, src_mask)
+        x = self._embed(self.tgt_embed, tgt_in)
+        for layer, kv in zip(self.decoder, state.cross_kv):
+            x = layer(x, kv, src_mask[:, None, None, :])[0]
+        x = self.dec_norm(x)
+        return self.output(x[keep] if keep is not None else x)
+
+    def start_from(self, memory: Tensor, src_mask: Tensor) -> DecoderState:
+        cross = [layer.cross_attn.keys_values(memory) for layer in self.decoder]
+        return DecoderState(cross, src_mask, [None] * len(self.decoder), 0)
+
+    def start(self, src: Tensor) -> DecoderState:
+        """Encode src (B, S) and precompute every layer's cross-attention keys/values."""
+        return self.start_from(*self.encode(src))
+
+    def step(self, tokens: Tensor, state: DecoderState, need_attention: bool = False
+             ) -> tuple[Tensor, Optional[Tensor]]:
+        """Feed tokens (N,) at position state.step; returns log_probs (N, V) in float32 and,
+        if asked, the last decoder layer's head-averaged cross-attention (N, S)."""
+        if state.step >= self.cfg.max_positions:
+            raise ValueError(f"target longer than max_positions ({self.cfg.max_positions})")
+        x = self._embed(self.tgt_embed, tokens[:, None], offset=state.step)  # (N, 1, D)
+        mask = state.src_mask[:, None, None, :]
+        weights = None
+        last = len(self.decoder) - 1
+        for i, layer in enumerate(self.decoder):
+            x, state.self_kv[i], w = layer(x, state.cross_kv[i], mask, state.self_kv[i],
+                                           need_weights=need_attention and i == last)
+            if w is not None:
+                weights = w[:, 0, :].float()
+        state.step += 1
+        logits = self.output(self.dec_norm(x[:, 0]))  # (N, V)
+        return logits.float().log_softmax(-1), weights
+
+
+def build_model(cfg: ModelConfig, src_vocab: int, tgt_vocab: int, pad_id: int, bos_id: int,
+                eos_id: int) -> Seq2SeqTransformer:
+    """The one constructor used by training, checkpoint loading and tests."""
+    return Seq2SeqTransformer(cfg, src_vocab, tgt_vocab, pad_id, bos_id, eos_id)

@@ -1,0 +1,149 @@
+"""`translate run`: tokenizer → train → decode the test set → score, under recipe.output_dir.
+
+Each stage has a fingerprint: a hash of the recipe sections it reads, the contents of its input
+files and the fingerprint of the stage before it. A stage whose fingerprint matches the one
+recorded when it last completed (in OUTPUT_DIR/stages.json) is skipped. Training is never
+marked complete until it finishes, so an interrupted run resumes from its last checkpoint.
+
+Public names: run_tokenizer, run_train, run_decode_test, run_score_test, run_pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .checkpoint import RunDir
+from .data import read_split
+from .recipe import Recipe, Split
+from .tokenizer import Tokenizer, train_tokenizer
+
+__all__ = ["run_tokenizer", "run_train", "run_decode_test", "run_score_test", "run_pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+def _digest(obj: Any, files: list[Optional[Path]]) -> str:
+    h = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode())
+    for path in files:
+        if path is not None:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _split_files(split: Optional[Split]) -> list[Optional[Path]]:
+    return [] if split is None else [split.src, split.tgt, split.tsv, *split.refs]
+
+
+def run_tokenizer(recipe: Recipe) -> dict[str, Any]:
+    """Train sentencepiece on the training split; report vocab sizes and pieces per sentence."""
+    text = read_split(recipe.data.train, recipe.data.encoding_errors)
+    out = RunDir(recipe.output_dir).tokenizer
+    tok = train_tokenizer(recipe.tokenizer, text.src, text.tgt, out)
+    sample_src, sample_tgt = text.src[:20000], text.tgt[:20000]
+    report = {"tokenizer": str(out), "joint": tok.joint, "src_vocab_size": tok.src_vocab_size,
+              "tgt_vocab_size": tok.tgt_vocab_size,
+              "src_pieces_per_sentence": round(tok.pieces_per_sentence(sample_src, "src"), 2),
+              "tgt_pieces_per_sentence": round(tok.pieces_per_sentence(sample_tgt, "tgt"), 2),
+              "blank_pairs_skipped": text.blank_pairs}
+    log.info("tokenizer: %s", report)
+    return report
+
+
+def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+    """Train (resuming if possible); trains the tokenizer first when it is missing."""
+    from .train import train
+
+    run = RunDir(recipe.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0 and not _tokenizer_ready(run):
+        run_tokenizer(recipe)
+    result = train(recipe, progress=progress)
+    return dict(result.__dict__)
+
+
+def _tokenizer_ready(run: RunDir) -> bool:
+    try:
+        Tokenizer.load(run.tokenizer)
+        return True
+    except ValueError:
+        return False
+
+
+def best_checkpoint(recipe: Recipe) -> Path:
+    """average.pt when averaging is on, else best.pt, else last.pt."""
+    run = RunDir(recipe.output_dir)
+    for p in ([run.average] if recipe.train.average_last > 1 else []) + [run.best, run.last]:
+        if p.exists():
+            return p
+    return run.last
+
+
+def run_decode_test(recipe: Recipe) -> dict[str, Any]:
+    """Translate the test source with the best checkpoint into OUTPUT_DIR/test.hyp."""
+    from .translate import run_decode
+
+    test = recipe.data.test
+    assert test is not None
+    out = recipe.output_dir / "test.hyp"
+    # decode reads plain text: write out the source side exactly as scored (max_lines, TSV, blanks)
+    src = recipe.output_dir / "test.src"
+    src.write_text("".join(x + "\n" for x in read_split(test, keep_blank=True).src), encoding="utf-8")
+    ckpt = best_checkpoint(recipe)
+    stats = run_decode([ckpt], str(src), str(out), {}, None, False, recipe.train.device, recipe.train.threads,
+                       recipe.data.encoding_errors)
+    return {"checkpoint": str(ckpt), "hypotheses": str(out), "lines": stats.lines}
+
+
+def run_score_test(recipe: Recipe) -> dict[str, Any]:
+    """Score OUTPUT_DIR/test.hyp against the test references; write test.score.json."""
+    from .data import read_lines
+    from .score import corpus_scores
+
+    test = recipe.data.test
+    assert test is not None
+    text = read_split(test, recipe.data.encoding_errors, keep_blank=True)
+    hyps = read_lines(recipe.output_dir / "test.hyp")
+    results = corpus_scores(hyps, [text.tgt, *text.refs])
+    report = {r.name: {"score": round(r.score, 2), "signature": r.signature} for r in results}
+    (recipe.output_dir / "test.score.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    for r in results:
+        log.info("%s  (%s)", r.text, r.signature)
+    return report
+
+
+def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the four stages, skipping those whose inputs are unchanged since they completed."""
+    recipe.output_dir.mkdir(parents=True, exist_ok=True)
+    state_file = recipe.output_dir / "stages.json"
+    done: dict[str, str] = {} if force or not state_file.exists() else json.loads(state_file.read_text())
+    d = recipe.data
+    fp_tok = _digest([recipe.tokenizer.model_dump(mode="json"), d.encoding_errors], _split_files(d.train))
+    fp_train = _digest([fp_tok, recipe.model.model_dump(mode="json"), recipe.train.model_dump(mode="json"),
+                        recipe.seed, d.model_dump(mode="json", exclude={"test"})], _split_files(d.dev))
+    fp_dec = _digest([fp_train, recipe.decode.model_dump(mode="json")], _split_files(d.test)[:1])
+    fp_score = _digest([fp_dec], _split_files(d.test))
+    stages: list[tuple[str, str, Callable[[], Any]]] = [
+        ("tokenizer", fp_tok, lambda: run_tokenizer(recipe)),
+        ("train", fp_train, lambda: run_train(recipe, progress)),
+    ]
+    if d.test is not None:
+        stages += [("decode", fp_dec, lambda: run_decode_test(recipe)), ("score", fp_score, lambda: run_score_test(recipe))]
+    results: dict[str, Any] = {}
+    for name, fp, fn in stages:
+        if done.get(name) == fp:
+            log.info("stage %s: inputs unchanged, skipped", name)
+            results[name] = "skipped"
+            continue
+        log.info("stage %s: running", name)
+        results[name] = fn()
+        done[name] = fp
+        state_file.write_text(json.dumps(done, indent=1) + "\n", encoding="utf-8")
+    if "score" in results and results["score"] == "skipped":
+        results["score"] = json.loads((recipe.output_dir / "test.score.json").read_text())
+    return results

@@ -1,0 +1,300 @@
+"""The recipe: a typed, validated description of one experiment.
+
+`load_recipe(path, overrides)` is the only function that reads recipe YAML. It applies
+`--set a.b=value` overrides before validation (so they pass the same checks), resolves
+paths relative to the recipe file, and turns every validation problem into one
+`RecipeError` whose message lists all problems, each naming the file and the key path.
+
+This room does not import torch: `translate recipe show` and validation stay fast.
+Public names: Recipe and its sections, RecipeError, load_recipe, recipe_from_dict, dump_recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "UserError", "RecipeError", "Split", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig",
+    "DecodeConfig", "Recipe", "load_recipe", "recipe_from_dict", "dump_recipe", "parse_override", "check_data_files",
+]
+
+
+class UserError(ValueError):
+    """Base of every user-facing error (bad recipe, data, checkpoint...): printed as one line, exit 2."""
+
+
+class RecipeError(UserError):
+    """A user mistake in a recipe or an override; the message is ready to print."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Split(_Strict):
+    """One parallel split: two plain-text files (one sentence per line) or one TSV file."""
+
+    src: Optional[Path] = Field(None, description="source-side text file, one sentence per line")
+    tgt: Optional[Path] = Field(None, description="target-side text file, line-aligned with src")
+    tsv: Optional[Path] = Field(None, description="alternative: one file, 'source<TAB>target' per line")
+    refs: list[Path] = Field(default_factory=list, description="extra reference files (scoring only)")
+    max_lines: int = Field(0, ge=0, description="read only the first N lines (0 = all): quick experiments")
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "Split":
+        if self.tsv is not None and (self.src is not None or self.tgt is not None):
+            raise ValueError("give either 'tsv' or 'src'+'tgt', not both")
+        if self.tsv is None and (self.src is None or self.tgt is None):
+            raise ValueError("give both 'src' and 'tgt' (or a single 'tsv')")
+        return self
+
+
+class DataConfig(_Strict):
+    """Corpus files and the length filter applied to training pairs."""
+
+    train: Split
+    dev: Optional[Split] = None
+    test: Optional[Split] = None
+    src_lang: str = "src"
+    tgt_lang: str = "tgt"
+    max_len: int = Field(256, ge=4, description="training pairs longer than this (in pieces) are dropped")
+    max_len_ratio: float = Field(0.0, ge=0.0, description="drop pairs whose length ratio exceeds this (0 = off)")
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "strict", description="'strict': non-UTF-8 bytes are an error; 'replace': replaced by U+FFFD and counted")
+
+
+class TokenizerConfig(_Strict):
+    """SentencePiece training options."""
+
+    type: Literal["unigram", "bpe"] = "unigram"
+    joint: bool = Field(True, description="one vocabulary shared by both sides")
+    vocab_size: int = Field(8000, ge=16)
+    character_coverage: float = Field(1.0, gt=0.0, le=1.0)
+    input_sentence_size: int = Field(0, ge=0, description="sample this many sentences for training (0 = all)")
+    user_defined_symbols: list[str] = Field(default_factory=list)
+
+
+class ModelConfig(_Strict):
+    """Transformer shape (Vaswani et al. 2017) and its options."""
+
+    d_model: int = Field(512, ge=8)
+    n_heads: int = Field(8, ge=1)
+    n_encoder_layers: int = Field(6, ge=1)
+    n_decoder_layers: int = Field(6, ge=1)
+    ff_dim: int = Field(2048, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    activation_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    activation: Literal["relu", "gelu"] = "relu"
+    norm: Literal["post", "pre"] = "post"
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    max_positions: int = Field(1024, ge=8)
+    tie_output: bool = Field(True, description="decoder input embedding = output projection")
+    share_embeddings: bool = Field(True, description="source = target embedding (needs a joint vocabulary)")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Optimisation, budgets, validation and checkpointing."""
+
+    batch_tokens: int = Field(4096, ge=16, description="max padded tokens per batch and side")
+    accum_steps: int = Field(1, ge=1)
+    max_steps: int = Field(0, ge=0, description="0 = no step limit")
+    max_epochs: int = Field(0, ge=0, description="0 = no epoch limit")
+    max_time: float = Field(0.0, ge=0.0, description="wall-clock budget in minutes (0 = none)")
+    optimizer: Literal["adam", "adamw"] = "adam"
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-9, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["noam", "inverse_sqrt"] = "noam"
+    lr_factor: float = Field(2.0, gt=0.0, description="noam: lr = factor * d^-0.5 * min(s^-0.5, s*w^-1.5)")
+    peak_lr: float = Field(5e-4, gt=0.0, description="inverse_sqrt: the lr reached at the end of warmup")
+    warmup_steps: int = Field(4000, ge=1)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    clip_norm: float = Field(0.0, ge=0.0, description="0 = no clipping")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int = Field(0, ge=0, description="CPU threads (0 = all cores)")
+    log_every: int = Field(50, ge=1)
+    valid_every: int = Field(500, ge=1)
+    valid_beam: int = Field(1, ge=1)
+    valid_max_sentences: int = Field(0, ge=0, description="decode at most this many dev lines (0 = all)")
+    best_metric: Literal["bleu", "chrf", "loss"] = "bleu"
+    patience: int = Field(0, ge=0, description="stop after this many validations without improvement (0 = off)")
+    keep_last: int = Field(3, ge=1)
+    average_last: int = Field(0, ge=0, description="average the last N checkpoints into average.pt (0 = off)")
+
+
+class DecodeConfig(_Strict):
+    """Search settings; stored in each checkpoint as the decode defaults."""
+
+    beam: int = Field(5, ge=1)
+    n_best: int = Field(1, ge=1)
+    alpha: float = Field(0.6, ge=0.0, description="length-penalty exponent")
+    beta: float = Field(0.0, ge=0.0, description="coverage-penalty weight")
+    length_penalty: Literal["gnmt", "power"] = "gnmt"
+    min_len: int = Field(0, ge=0)
+    max_len_a: float = Field(1.5, ge=0.0)
+    max_len_b: int = Field(10, ge=0)
+    no_repeat_ngram: int = Field(0, ge=0)
+    sample: bool = False
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    seed: int = 0
+    batch_tokens: int = Field(4096, ge=16)
+
+    @model_validator(mode="after")
+    def _n_best_fits(self) -> "DecodeConfig":
+        if self.n_best > self.beam and not self.sample:
+            raise ValueError(f"n_best ({self.n_best}) must not exceed beam ({self.beam})")
+        return self
+
+
+class Recipe(_Strict):
+    """A whole experiment: data → tokenizer → model → train → decode, under output_dir."""
+
+    output_dir: Path
+    seed: int = 1
+    data: DataConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+    @model_validator(mode="after")
+    def _sharing_needs_joint(self) -> "Recipe":
+        if self.model.share_embeddings and not self.tokenizer.joint:
+            raise ValueError("model.share_embeddings needs tokenizer.joint: true (or set it to false)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'a.b.c=value' into (['a','b','c'], value), the value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {text!r}: expected KEY.PATH=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {'.'.join(keys)}: '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _valid_keys(model: type[BaseModel] | None, loc: Sequence[Any]) -> list[str]:
+    """The field names valid at the parent of loc (for 'did you mean')."""
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        ann = model.model_fields[part].annotation
+        args = getattr(ann, "__args__", ()) or (ann,)
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def _describe(err: dict, source: str) -> str:
+    loc = list(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        close = difflib.get_close_matches(key, _valid_keys(Recipe, loc), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: {path}: unknown key{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = "" if err["type"] in ("missing", "value_error") else f" (got {err.get('input')!r})"
+    return f"{source}: {path}: {msg}{got}"
+
+
+def recipe_from_dict(tree: dict, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a plain dict; relative paths are resolved against base_dir."""
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError("\n".join(_describe(e, source) for e in exc.errors())) from None
+    return _resolve_paths(recipe, base_dir) if base_dir is not None else recipe
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    def fix(p: Optional[Path]) -> Optional[Path]:
+        return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+    def fix_split(s: Optional[Split]) -> Optional[Split]:
+        if s is None:
+            return None
+        return s.model_copy(update={"src": fix(s.src), "tgt": fix(s.tgt), "tsv": fix(s.tsv),
+                                    "refs": [fix(r) for r in s.refs]})
+
+    data = recipe.data.model_copy(update={k: fix_split(getattr(recipe.data, k)) for k in ("train", "dev", "test")})
+    return recipe.model_copy(update={"data": data, "output_dir": fix(recipe.output_dir)})
+
+
+def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override, validate and resolve a recipe file."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: recipe file not found")
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a directory, expected a YAML recipe file")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+    for text in overrides:
+        _apply_override(tree, *parse_override(text))
+    return recipe_from_dict(tree, str(path), path.resolve().parent)
+
+
+def check_data_files(recipe: Recipe) -> None:
+    """Raise one RecipeError listing every data file that is missing or not a regular file."""
+    problems = []
+    for name in ("train", "dev", "test"):
+        split = getattr(recipe.data, name)
+        if split is None:
+            continue
+        for key in ("src", "tgt", "tsv"):
+            path = getattr(split, key)
+            if path is not None and not path.is_file():
+                what = "is a directory, not a file" if path.is_dir() else "file not found"
+                problems.append(f"{path}: {what} (data.{name}.{key})")
+        for i, ref in enumerate(split.refs):
+            if not ref.is_file():
+                problems.append(f"{ref}: file not found (data.{name}.refs[{i}])")
+    if problems:
+        raise RecipeError("\n".join(problems))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults included) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

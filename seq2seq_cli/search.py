@@ -1,0 +1,409 @@
+"""Decoding: greedy search, batched beam search with GNMT penalties, sampling, and ensembles.
+
+Search sees a model only through the `Seq2SeqDecoder` protocol (start / step / select and the
+special ids), so tests drive it with a hand-built fake whose log-probs come from fixed tables.
+
+Conventions (shared with `penalties.py`):
+  * A hypothesis' tokens exclude BOS and EOS; its length |Y| counts the tokens plus EOS.
+  * `max_len = min(int(max_len_a * |X| + max_len_b), max_positions - 1)` tokens, |X| = real source
+    tokens; at step `max_len` only EOS is allowed (forced, and its log-prob is counted).
+    EOS is forbidden while fewer than `min_len` tokens exist (max_len wins if they conflict).
+  * PAD and BOS are never generated.
+  * Beam search keeps RAW summed log-probs for the open beams and prunes by them (fairseq style);
+    the length and coverage penalties, s(Y, X) = log P(Y|X) / lp(Y) + cp(X; Y), are applied only
+    when a hypothesis finishes, to rank the finished ones. Nothing ever has to be "unnormalised".
+  * Every decision is per sentence (top-k within a sentence's own k*V candidates, per-sentence
+    stopping), so a sentence's output does not depend on the other sentences in its batch.
+
+This room knows nothing about files, tokenizers or training.
+Public names: Seq2SeqDecoder, SearchOptions, Hypothesis, greedy_search, beam_search, sample,
+search, top_k_top_p_filter, Ensemble, EnsembleState.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from types import SimpleNamespace
+from typing import Any, Callable, Literal, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .penalties import length_penalty, rescore
+
+__all__ = ["Seq2SeqDecoder", "SearchOptions", "Hypothesis", "greedy_search", "beam_search", "sample",
+           "search", "top_k_top_p_filter", "Ensemble", "EnsembleState"]
+
+NEG_INF = float("-inf")
+
+
+class DecoderStateLike(Protocol):
+    """Per-row decoding state: `select(index)` returns a new state made of rows `index`."""
+
+    @property
+    def src_mask(self) -> Tensor: ...  # (N, S) True at real source tokens
+
+    def select(self, index: Tensor) -> "DecoderStateLike": ...
+
+
+class _Limits(Protocol):
+    @property
+    def max_positions(self) -> int: ...
+
+
+class Seq2SeqDecoder(Protocol):
+    """What search needs from a model (Seq2SeqTransformer and Ensemble satisfy it)."""
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    @property
+    def cfg(self) -> _Limits: ...
+
+    def start(self, src: Tensor) -> DecoderStateLike: ...  # src (B, S) → a state with B rows
+
+    def step(self, tokens: Tensor, state: Any, need_attention: bool) -> tuple[Tensor, Optional[Tensor]]:
+        ...  # tokens (N,) → log_probs (N, V), attention (N, S) or None; advances `state`
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Search settings; field names and defaults match `recipe.DecodeConfig`."""
+
+    beam: int = 5
+    n_best: int = 1
+    alpha: float = 0.6
+    beta: float = 0.0
+    length_penalty: Literal["gnmt", "power"] = "gnmt"
+    min_len: int = 0
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    no_repeat_ngram: int = 0
+    sample: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, obj: Any, **overrides: Any) -> "SearchOptions":
+        """Copy every field that `obj` has an attribute of the same name for, then apply overrides."""
+        values = {f.name: getattr(obj, f.name) for f in fields(cls) if hasattr(obj, f.name)}
+        return cls(**{**values, **overrides})
+
+
+@dataclass
+class Hypothesis:
+    """One output: tokens without BOS/EOS, final rescored score, summed log-prob (EOS included)."""
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+
+
+# ------------------------------------------------------------------------------ shared steps
+
+def _max_lengths(src_mask: Tensor, opts: SearchOptions, model: Seq2SeqDecoder) -> Tensor:
+    """(N,) max_len = min(int(max_len_a * |X| + max_len_b), max_positions - 1) per row."""
+    cap = model.cfg.max_positions - 1
+    lengths = [min(int(opts.max_len_a * n + opts.max_len_b), cap) for n in src_mask.sum(1).tolist()]
+    return torch.tensor(lengths, dtype=torch.long, device=src_mask.device)
+
+
+def _ban_repeats(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
+    """Forbid (-inf) each token that would complete an n-gram already present in the history.
+
+    log_probs (N, V) is changed in place; history (N, t) holds the generated tokens.
+    """
+    t = history.size(1)
+    if n <= 0 or t < n:
+        return log_probs
+    grams = history.unfold(1, n, 1)  # (N, t-n+1, n)
+    prefix = history[:, t - n + 1:]  # (N, n-1): the n-1 latest tokens
+    match = (grams[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, t-n+1)
+    banned = torch.zeros_like(log_probs).scatter_add_(1, grams[:, :, -1], match.float())  # (N, V)
+    return log_probs.masked_fill_(banned > 0, NEG_INF)
+
+
+def _constrain(log_probs: Tensor, history: Tensor, max_len: Tensor, opts: SearchOptions,
+               model: Seq2SeqDecoder) -> Tensor:
+    """Apply the generation rules at step t = history.size(1) to a copy of log_probs (N, V):
+    no PAD/BOS; no EOS while t < min_len; no repeated n-gram; only EOS once t >= max_len (N,)."""
+    log_probs, t, eos = log_probs.clone(), history.size(1), model.eos_id
+    eos_log_prob = log_probs[:, eos].clone()  # (N,)
+    for tok in {model.pad_id, model.bos_id} - {eos}:
+        log_probs[:, tok] = NEG_INF
+    if t < opts.min_len:
+        log_probs[:, eos] = NEG_INF
+    _ban_repeats(log_probs, history, opts.no_repeat_ngram)
+    forced = max_len <= t  # (N,)
+    if bool(forced.any()):
+        log_probs[forced] = NEG_INF
+        log_probs[forced, eos] = eos_log_prob[forced]
+    return log_probs
+
+
+def _last_tokens(history: Tensor, bos: int) -> Tensor:
+    """(N,) the token to feed next: BOS at the first step, else the latest generated one."""
+    return history[:, -1] if history.size(1) else history.new_full((history.size(0),), bos)
+
+
+def _accumulate(coverage: Optional[Tensor], attn: Optional[Tensor]) -> Optional[Tensor]:
+    """coverage (N, S) + this step's attention (N, S); None while the coverage penalty is off."""
+    if coverage is None:
+        return None
+    if attn is None:
+        raise ValueError("beta > 0 needs the model to return attention")
+    return coverage + attn
+
+
+def _hypotheses(history: Tensor, sum_log_prob: Tensor, coverage: Optional[Tensor], src_mask: Tensor,
+                opts: SearchOptions) -> list[Hypothesis]:
+    """Rows that just emitted EOS → Hypothesis; history (F, t) excludes EOS, so |Y| = t + 1."""
+    length = torch.full_like(sum_log_prob, history.size(1) + 1)  # (F,)
+    scores = rescore(sum_log_prob, length, coverage, src_mask, opts.alpha, opts.beta, opts.length_penalty)
+    return [Hypothesis(tokens, score, lp)
+            for tokens, score, lp in zip(history.tolist(), scores.tolist(), sum_log_prob.tolist())]
+
+
+def _best_first(finished: list[list[Hypothesis]], n: int) -> list[list[Hypothesis]]:
+    """The n best hypotheses per sentence by final score (stable: ties keep discovery order)."""
+    empty = Hypothesis([], NEG_INF, NEG_INF)  # only if every path was forbidden
+    return [sorted(hyps, key=lambda h: -h.score)[:n] or [empty] for hyps in finished]
+
+
+# ------------------------------------------------------------------ greedy and sampling
+
+def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions, copies: int,
+                  choose: Callable[[Tensor], Tensor]) -> list[list[Hypothesis]]:
+    """Extend `copies` independent paths per sentence by `choose(log_probs (N, V)) -> (N,)` until
+    EOS; finished rows leave the batch at once."""
+    sent = torch.arange(src.size(0), device=src.device).repeat_interleave(copies)  # (N,)
+    state = model.start(src).select(sent)
+    max_len = _max_lengths(state.src_mask, opts, model)  # (N,)
+    history = src.new_empty((sent.numel(), 0))  # (N, t)
+    sum_lp = torch.zeros(sent.numel(), device=src.device)  # (N,)
+    coverage = torch.zeros(state.src_mask.shape, device=src.device) if opts.beta > 0 else None  # (N, S)
+    finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
+    while sent.numel():
+        log_probs, attn = model.step(_last_tokens(history, model.bos_id), state, opts.beta > 0)
+        log_probs = _constrain(log_probs, history, max_len, opts, model)
+        tok = choose(log_probs)  # (N,)
+        sum_lp = sum_lp + log_probs.gather(1, tok[:, None]).squeeze(1)
+        coverage, done = _accumulate(coverage, attn), tok.eq(model.eos_id)
+        hyps = _hypotheses(history[done], sum_lp[done], None if coverage is None else coverage[done],
+                           state.src_mask[done], opts)
+        for s, hyp in zip(sent[done].tolist(), hyps):
+            finished[s].append(hyp)
+        keep = (~done).nonzero().squeeze(1)
+        history = torch.cat([history, tok[:, None]], 1)[keep]
+        sent, max_len, sum_lp, state = sent[keep], max_len[keep], sum_lp[keep], state.select(keep)
+        coverage = None if coverage is None else coverage[keep]
+    return _best_first(finished, copies)
+
+
+@torch.no_grad()
+def greedy_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions) -> list[list[Hypothesis]]:
+    """Pick the most probable token at each step; one hypothesis per sentence. src (B, S)."""
+    return _decode_paths(model, src, opts, 1, lambda log_probs: log_probs.argmax(-1))
+
+
+def top_k_top_p_filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Keep the top_k best tokens (0 = all; ties at the k-th value survive), then the nucleus: the
+    smallest best-first set whose probability reaches top_p (Holtzman et al. 2020), never empty.
+    The others become -inf. logits (N, V) → (N, V)."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p  # the mass before this token already reaches p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), NEG_INF)
+    return logits
+
+
+@torch.no_grad()
+def sample(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
+           generator: Optional[torch.Generator] = None) -> list[list[Hypothesis]]:
+    """Ancestral sampling from softmax(top_k_top_p_filter(log_probs / temperature)); n_best
+    independent samples per sentence, best score first. Scores use the model's own log-probs (not
+    the tempered or filtered ones). Without a generator, one seeded with opts.seed is used."""
+    if generator is None:
+        generator = torch.Generator(device=src.device).manual_seed(opts.seed)
+
+    def choose(log_probs: Tensor) -> Tensor:
+        logits = top_k_top_p_filter(log_probs / opts.temperature, opts.top_k, opts.top_p)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+    return _decode_paths(model, src, opts, opts.n_best, choose)
+
+
+# ------------------------------------------------------------------------------ beam search
+
+@dataclass
+class _Beams:
+    """Open hypotheses of the A active sentences, k rows each (sentence a owns rows a*k .. a*k+k-1)."""
+
+    sent: Tensor  # (A,) index of each active sentence in the input batch
+    max_len: Tensor  # (A,)
+    state: DecoderStateLike  # A*k rows
+    history: Tensor  # (A*k, t) generated tokens, no BOS
+    scores: Tensor  # (A*k,) RAW summed log-probs; -inf = empty slot
+    coverage: Optional[Tensor]  # (A*k, S) summed cross-attention, only when beta > 0
+
+
+def _init_beams(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions) -> _Beams:
+    """Encode once, copy each sentence's state to k rows; only row 0 is live (the rest -inf),
+    so the first step does not pick k copies of the same token."""
+    k, b = opts.beam, src.size(0)
+    state = model.start(src)
+    max_len = _max_lengths(state.src_mask, opts, model)  # (B,)
+    state = state.select(torch.arange(b, device=src.device).repeat_interleave(k))
+    scores = torch.full((b, k), NEG_INF, device=src.device)
+    scores[:, 0] = 0.0
+    coverage = torch.zeros(state.src_mask.shape, device=src.device) if opts.beta > 0 else None
+    return _Beams(torch.arange(b, device=src.device), max_len, state, src.new_empty((b * k, 0)),
+                  scores.view(-1), coverage)
+
+
+def _expand(beams: _Beams, log_probs: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top 2k continuations per sentence over its own k*V candidates (raw cumulative log-prob).
+
+    Returns scores, source rows (into the A*k rows) and tokens, each (A, 2k), best first.
+    2k guarantees k non-EOS candidates, since at most one per beam row is EOS.
+    """
+    a, v = beams.sent.numel(), log_probs.size(1)
+    total = (beams.scores[:, None] + log_probs).view(a, k * v)  # (A, k*V)
+    top, index = total.topk(min(2 * k, k * v), dim=1)  # (A, 2k)
+    rows = torch.arange(a, device=top.device)[:, None] * k + torch.div(index, v, rounding_mode="floor")
+    return top, rows, index % v
+
+
+def _collect_finished(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], opts: SearchOptions, eos: int,
+                      finished: list[list[Hypothesis]]) -> None:
+    """EOS candidates ranked within the top k (and not -inf) become finished hypotheses,
+    rescored with the length and coverage penalties."""
+    top, rows, toks = cand  # (A, 2k) each
+    rank = torch.arange(top.size(1), device=top.device)
+    final = toks.eq(eos) & (rank < opts.beam) & (top > NEG_INF)  # (A, 2k)
+    which, pos = final.nonzero(as_tuple=True)
+    if not which.numel():
+        return
+    r = rows[which, pos]  # (F,)
+    cov = None if beams.coverage is None else beams.coverage[r]
+    hyps = _hypotheses(beams.history[r], top[which, pos], cov, beams.state.src_mask[r], opts)
+    for s, hyp in zip(beams.sent[which].tolist(), hyps):
+        finished[s].append(hyp)
+
+
+def _advance(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], k: int, eos: int) -> _Beams:
+    """The k best candidates that do not end in EOS become the new beams; the decoder state,
+    history and coverage follow their back-pointers."""
+    top, rows, toks = cand  # (A, 2k)
+    n = top.size(1)
+    order = (toks.eq(eos).long() * n + torch.arange(n, device=top.device)).argsort(dim=1)[:, :k]  # (A, k)
+    rows, toks = rows.gather(1, order).view(-1), toks.gather(1, order).view(-1)  # (A*k,)
+    coverage = None if beams.coverage is None else beams.coverage[rows]
+    history = torch.cat([beams.history[rows], toks[:, None]], 1)  # (A*k, t+1)
+    return replace(beams, state=beams.state.select(rows), history=history,
+                   scores=top.gather(1, order).view(-1), coverage=coverage)
+
+
+def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: SearchOptions) -> _Beams:
+    """Remove sentences that are done: past max_len, no live beam, or no open beam can still
+    enter their n-best list.
+
+    Bound (sound for any alpha and beta >= 0): an open beam with raw score s <= 0 and t tokens
+    finishes with |Y| in [t+1, max_len+1] and a raw score <= s; lp is monotone in |Y| and cp <= 0,
+    so its final score is <= s / max(lp(t+1), lp(max_len+1)).
+    """
+    a, k, t = beams.sent.numel(), opts.beam, beams.history.size(1)
+    best_open = beams.scores.view(a, k).max(1).values  # (A,)
+    lp = lambda n: length_penalty(n, opts.alpha, opts.length_penalty)  # noqa: E731
+    bound = best_open / torch.maximum(lp(torch.full_like(best_open, t + 1)), lp(beams.max_len + 1))
+    nth = [sorted((h.score for h in finished[s]), reverse=True)[opts.n_best - 1]
+           if len(finished[s]) >= opts.n_best else NEG_INF for s in beams.sent.tolist()]
+    done = (beams.max_len < t) | best_open.eq(NEG_INF) | (bound <= torch.tensor(nth, device=bound.device))
+    if not bool(done.any()):
+        return beams
+    keep = (~done).nonzero().squeeze(1)  # (A',)
+    rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)  # (A'*k,)
+    coverage = None if beams.coverage is None else beams.coverage[rows]
+    return _Beams(beams.sent[keep], beams.max_len[keep], beams.state.select(rows), beams.history[rows],
+                  beams.scores[rows], coverage)
+
+
+@torch.no_grad()
+def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions) -> list[list[Hypothesis]]:
+    """Batched beam search (k = opts.beam rows per sentence); n_best hypotheses per sentence, best
+    final score first. src (B, S) padded with model.pad_id."""
+    beams = _init_beams(model, src, opts)
+    finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
+    while beams.sent.numel():
+        log_probs, attn = model.step(_last_tokens(beams.history, model.bos_id), beams.state, opts.beta > 0)
+        beams.coverage = _accumulate(beams.coverage, attn)  # (A*k, S), before back-pointers reorder it
+        max_len = beams.max_len.repeat_interleave(opts.beam)  # (A*k,)
+        cand = _expand(beams, _constrain(log_probs, beams.history, max_len, opts, model), opts.beam)
+        _collect_finished(beams, cand, opts, model.eos_id, finished)
+        beams = _drop_done(_advance(beams, cand, opts.beam, model.eos_id), finished, opts)
+    return _best_first(finished, opts.n_best)
+
+
+def search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
+           generator: Optional[torch.Generator] = None) -> list[list[Hypothesis]]:
+    """Sampling if opts.sample; greedy when beam == n_best == 1; beam search otherwise."""
+    if opts.sample:
+        return sample(model, src, opts, generator)
+    if opts.beam == 1 and opts.n_best == 1:
+        return greedy_search(model, src, opts)
+    return beam_search(model, src, opts)
+
+
+# -------------------------------------------------------------------------------- ensembles
+
+@dataclass
+class EnsembleState:
+    """One decoder state per ensemble member; `select` moves them together."""
+
+    states: list[Any]
+
+    @property
+    def src_mask(self) -> Tensor:
+        return self.states[0].src_mask
+
+    @property
+    def step(self) -> int:
+        return self.states[0].step
+
+    def select(self, index: Tensor) -> "EnsembleState":
+        return EnsembleState([s.select(index) for s in self.states])
+
+
+class Ensemble:
+    """Several models with one target vocabulary and the same special ids, decoded as one.
+
+    log p(y) = log_softmax_y( (1/M) sum_m log p_m(y) ): the equal-weight, renormalised geometric
+    mean of the members' distributions (log-linear ensembling); attention = mean of the members'.
+    """
+
+    def __init__(self, models: Sequence[Seq2SeqDecoder]) -> None:
+        if not models or len({(m.pad_id, m.bos_id, m.eos_id) for m in models}) > 1:
+            raise ValueError("an ensemble needs one or more models with the same pad/bos/eos ids")
+        self.models = list(models)
+        self.pad_id, self.bos_id, self.eos_id = models[0].pad_id, models[0].bos_id, models[0].eos_id
+        self.cfg = SimpleNamespace(max_positions=min(m.cfg.max_positions for m in models))
+
+    def start(self, src: Tensor) -> EnsembleState:
+        return EnsembleState([m.start(src) for m in self.models])
+
+    def step(self, tokens: Tensor, state: EnsembleState, need_attention: bool = False
+             ) -> tuple[Tensor, Optional[Tensor]]:
+        outs = [m.step(tokens, s, need_attention) for m, s in zip(self.models, state.states)]
+        if len({lp.shape for lp, _ in outs}) > 1:
+            raise ValueError(f"ensemble members disagree on the vocabulary: {[lp.shape for lp, _ in outs]}")
+        log_probs = torch.stack([lp for lp, _ in outs]).sum(0)  # (N, V)
+        attns = [a for _, a in outs if a is not None]  # each (N, S)
+        return log_probs, (torch.stack(attns).mean(0) if need_attention and attns else None)

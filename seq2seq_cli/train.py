@@ -1,0 +1,384 @@
+"""The training loop: batches → label-smoothed loss → Adam with warm-up → validation → checkpoints.
+
+One update = `accum_steps` micro-batches per rank. The loss of the update is the sum over all
+its target tokens (all micro-batches, all ranks) divided by that total, so the gradient does
+not depend on how the tokens are split between micro-batches or processes. Under torchrun
+(WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, ranks take disjoint shards
+of each epoch's batches, and only rank 0 validates, logs and writes files.
+
+A run resumes from `checkpoints/last.pt`: weights, optimizer, schedule, RNG states and the
+position in the epoch's batch order are restored, so the continued run sees the same batches.
+SIGINT/SIGTERM save a checkpoint first and then raise `TrainingInterrupted`.
+
+This room does not parse CLI options. Public names: train, TrainResult, TrainingInterrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from . import distributed as dist
+from .checkpoint import (CheckpointError, RunDir, average_checkpoints, link_checkpoint, load_checkpoint, prune_checkpoints,
+                         save_checkpoint, step_checkpoints)
+from .data import EncodedCorpus, ParallelText, collate, encode_pairs, make_batches, read_split, shard_batches
+from .loss import label_smoothed_nll
+from .model import Seq2SeqTransformer, build_model
+from .recipe import Recipe
+from .schedule import make_scheduler
+from .score import corpus_scores
+from .search import SearchOptions
+from .tokenizer import Tokenizer
+from .translate import translate_ids
+
+__all__ = ["train", "TrainResult", "TrainingInterrupted"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a signal stopped training and the checkpoint was saved."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}; checkpoint saved, run the same command to resume")
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    stop_reason: str
+    best_score: Optional[float]
+    last_path: str
+    best_path: Optional[str]
+
+
+@dataclass
+class _Position:
+    """Where training is: updates done, epoch, batches of this epoch consumed (all ranks)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    seconds: float = 0.0
+    best_score: Optional[float] = None
+    bad_validations: int = 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' → cuda:LOCAL_RANK when CUDA is present, else cpu."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+class Trainer:
+    """Holds the model, optimizer and data of one run; `run()` trains until a budget ends."""
+
+    def __init__(self, recipe: Recipe, progress: bool = True) -> None:
+        self.recipe, self.cfg = recipe, recipe.train
+        self.ctx = dist.init_from_env()
+        self.main = self.ctx.rank == 0
+        self.device = pick_device(self.cfg.device, self.ctx.local_rank)
+        threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // self.ctx.local_world)
+        torch.set_num_threads(threads)
+        self.run_dir = RunDir(recipe.output_dir)
+        self.progress = progress and self.main
+        self.tok = Tokenizer.load(self.run_dir.tokenizer)
+        self._load_data()
+        torch.manual_seed(recipe.seed)
+        random.seed(recipe.seed)
+        self.model: Seq2SeqTransformer = build_model(recipe.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size,
+                                                     self.tok.pad_id, self.tok.bos_id, self.tok.eos_id).to(self.device)
+        opt_cls = torch.optim.AdamW if self.cfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(self.model.parameters(), lr=1.0, betas=self.cfg.betas, eps=self.cfg.eps,
+                                 weight_decay=self.cfg.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, recipe.model.d_model)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.precision == "fp16" and self.device.type == "cuda")
+        self.pos = _Position()
+        self._resume()
+        self.ddp = dist.wrap(self.model, self.ctx, self.device)
+        self.stop_signal: Optional[int] = None
+        self.saved_step = self.pos.step if self.run_dir.last.exists() else -1
+
+    # ------------------------------------------------------------------------------ setup
+    def _load_data(self) -> None:
+        d = self.recipe.data
+        text = read_split(d.train, d.encoding_errors)
+        self.train_data = encode_pairs(text, self.tok, d.max_len, d.max_len_ratio)
+        if len(self.train_data) == 0:
+            raise ValueError(f"{d.train.src or d.train.tsv}: no training pair is shorter than data.max_len={d.max_len}")
+        self.src_lens = [len(s) for s in self.train_data.src]
+        self.tgt_lens = [len(t) for t in self.train_data.tgt]
+        if self.main:
+            log.info("train: %d pairs kept, %d blank skipped, %d longer than %d dropped, %d dropped by ratio",
+                     len(self.train_data), text.blank_pairs, self.train_data.dropped_too_long, d.max_len,
+                     self.train_data.dropped_ratio)
+        self.dev_text: Optional[ParallelText] = None
+        self.dev_data: Optional[EncodedCorpus] = None
+        if d.dev is not None:
+            self.dev_text = read_split(d.dev, d.encoding_errors)
+            self.dev_data = encode_pairs(self.dev_text, self.tok, self.recipe.model.max_positions - 1,
+                                         filter_long=False)
+
+    def _resume(self) -> None:
+        if not self.run_dir.last.exists():
+            return
+        ckpt = load_checkpoint(self.run_dir.last)
+        s = ckpt.state
+        if "optimizer" not in s:
+            raise ValueError(f"{ckpt.path}: has no optimizer state; cannot resume from it")
+        try:
+            self.model.load_state_dict(s["model"])
+        except RuntimeError:
+            raise CheckpointError(f"{ckpt.path}: was trained with another model shape or tokenizer; use a new "
+                                  "output_dir or remove its checkpoints") from None
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        self.pos = _Position(**s["position"])
+        rng = s["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.main:
+            log.info("resuming from %s at step %d (epoch %d)", ckpt.path, self.pos.step, self.pos.epoch + 1)
+
+    # ------------------------------------------------------------------------------ one update
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _update(self, group: list[list[int]]) -> tuple[float, float, int, int]:
+        """One optimizer update over micro-batches `group`; returns (loss_sum, nll_sum, n_tgt, n_src)."""
+        tok = self.tok
+        micro = [collate(self.train_data, idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group]
+        local_tgt = sum(b.n_tgt for b in micro)
+        total_tgt = dist.all_reduce_sum(local_tgt, self.ctx, self.device)
+        scale = self.ctx.world / total_tgt  # DDP averages gradients over ranks: undo it, divide by all tokens
+        loss_sum = nll_sum = 0.0
+        self.model.train()
+        for i, b in enumerate(micro):
+            b = b.to(self.device, non_blocking=True)
+            sync = i == len(micro) - 1
+            with dist.maybe_no_sync(self.ddp, sync), self._autocast():
+                keep = b.tgt_out.ne(tok.pad_id)
+                logits = self.ddp(b.src, b.tgt_in, keep)
+                loss, nll, _ = label_smoothed_nll(logits, b.tgt_out[keep], self.cfg.label_smoothing, tok.pad_id)
+            self.scaler.scale(loss * scale).backward()
+            loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
+        if self.cfg.clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, nll_sum, local_tgt, sum(b.n_src for b in micro)
+
+    # ------------------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, Any]:
+        """Dev loss / perplexity (teacher forced) and BLEU / chrF of real decodes."""
+        assert self.dev_data is not None and self.dev_text is not None
+        self.model.eval()
+        tok, nll_sum, n_tok = self.tok, 0.0, 0
+        lens = [len(s) for s in self.dev_data.src]
+        with torch.inference_mode():
+            for idx in make_batches(lens, [len(t) for t in self.dev_data.tgt], self.cfg.batch_tokens, 0, 0):
+                b = collate(self.dev_data, idx, tok.pad_id, tok.bos_id, tok.eos_id).to(self.device)
+                keep = b.tgt_out.ne(tok.pad_id)
+                with self._autocast():
+                    logits = self.model(b.src, b.tgt_in, keep)
+                _, nll, n = label_smoothed_nll(logits, b.tgt_out[keep], 0.0, tok.pad_id)
+                nll_sum, n_tok = nll_sum + float(nll), n_tok + n
+        limit = self.cfg.valid_max_sentences or len(self.dev_data)
+        opts = SearchOptions.from_config(self.recipe.decode)
+        opts = SearchOptions(**{**opts.__dict__, "beam": self.cfg.valid_beam, "n_best": 1, "sample": False})
+        with self._autocast():
+            hyps = translate_ids(self.model, self.dev_data.src[:limit], opts, self.recipe.decode.batch_tokens,
+                                 self.device, tok.pad_id)
+        sys_out = [tok.decode_tgt(h[0].tokens) if h else "" for h in hyps]
+        refs = [self.dev_text.tgt[:limit]]
+        scores = {m.name.lower(): m.score for m in corpus_scores(sys_out, refs, ("bleu", "chrf"))}
+        dev_loss = nll_sum / max(1, n_tok)
+        return {"dev_nll": dev_loss, "dev_ppl": math.exp(min(dev_loss, 50.0)), **scores}
+
+    def _is_better(self, score: float) -> bool:
+        best = self.pos.best_score
+        if best is None:
+            return True
+        return score < best if self.cfg.best_metric == "loss" else score > best
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        return {"step": self.pos.step, "position": dict(self.pos.__dict__),
+                "recipe": self.recipe.model_dump(mode="json"), "decode": self.recipe.decode.model_dump(mode="json"),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() or None,
+                "rng": rng, "tokenizer": self.tok.to_state()}
+
+    def save(self, best: bool = False) -> None:
+        """Write step-N.pt, point last.pt (and best.pt) at it, keep the newest keep_last files."""
+        if not self.main:
+            return
+        path = self.run_dir.step_file(self.pos.step)
+        save_checkpoint(path, self._state())
+        link_checkpoint(path, self.run_dir.last)
+        if best:
+            link_checkpoint(path, self.run_dir.best)
+        prune_checkpoints(self.run_dir.checkpoints, self.cfg.keep_last)
+        self.saved_step = self.pos.step
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.run_dir.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------ the loop
+    def _budget_left(self) -> Optional[str]:
+        c, p = self.cfg, self.pos
+        if c.max_steps and p.step >= c.max_steps:
+            return "max_steps"
+        if c.max_epochs and p.epoch >= c.max_epochs:
+            return "max_epochs"
+        if c.max_time and p.seconds >= c.max_time * 60:
+            return "max_time"
+        return None
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signum
+
+    def run(self) -> TrainResult:
+        from .progress import TrainProgress  # rich is only needed when training
+
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
+            if _in_main_thread() else {}
+        try:
+            with TrainProgress(self.cfg, enabled=self.progress) as bar:
+                reason = self._loop(bar)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self._finish(reason)
+
+    def _epoch_groups(self) -> list[list[list[int]]]:
+        batches = make_batches(self.src_lens, self.tgt_lens, self.cfg.batch_tokens, self.recipe.seed, self.pos.epoch)
+        acc, world = self.cfg.accum_steps, self.ctx.world
+        mine = shard_batches(batches, self.ctx.rank, world, acc)
+        if not mine:
+            raise ValueError(f"{len(batches)} batches per epoch cannot feed {world} ranks x {acc} accumulation steps")
+        return [mine[i: i + acc] for i in range(0, len(mine), acc)]
+
+    def _loop(self, bar) -> str:
+        window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "t": time.perf_counter()}
+        self._tick = time.perf_counter()
+        reason = self._budget_left()
+        while reason is None:
+            groups = self._epoch_groups()
+            per_step = self.ctx.world * self.cfg.accum_steps
+            for group in groups[self.pos.batches_done // per_step:]:
+                loss, nll, n_tgt, n_src = self._update(group)
+                self.pos.step += 1
+                self.pos.batches_done += per_step
+                for k, v in zip(("loss", "nll", "tgt", "src"), (loss, nll, n_tgt, n_src)):
+                    window[k] += v
+                if self.pos.step % self.cfg.log_every == 0:
+                    self._log_train(window, bar)
+                if self.dev_data is not None and self.pos.step % self.cfg.valid_every == 0:
+                    if self._validate_and_save():
+                        return "early_stopping"
+                now = time.perf_counter()  # wall time, validation included, agreed across ranks
+                self.pos.seconds += dist.max_across(now - self._tick, self.ctx, self.device)
+                self._tick = now
+                bar.update(self.pos)
+                if self.stop_signal is not None:
+                    self.save()
+                    raise TrainingInterrupted(self.stop_signal)
+                reason = self._budget_left()
+                if reason:
+                    return reason
+            self.pos.epoch += 1
+            self.pos.batches_done = 0
+            reason = self._budget_left()
+        return reason
+
+    def _log_train(self, w: dict, bar) -> None:
+        stats = dist.all_reduce_list([w["loss"], w["nll"], w["tgt"], w["src"]], self.ctx, self.device)
+        elapsed = time.perf_counter() - w["t"]
+        loss, nll, tgt, src = stats
+        rec = {"type": "train", "step": self.pos.step, "epoch": self.pos.epoch + 1,
+               "lr": self.scheduler.get_last_lr()[0], "loss": loss / max(tgt, 1), "nll": nll / max(tgt, 1),
+               "ppl": math.exp(min(nll / max(tgt, 1), 50.0)), "tokens_per_s": (tgt + src) / max(elapsed, 1e-9),
+               "tgt_tokens": int(tgt), "minutes": self.pos.seconds / 60}
+        self.log_record(rec)
+        bar.train_record(rec)
+        w.update(loss=0.0, nll=0.0, tgt=0, src=0, t=time.perf_counter())
+
+    def _validate_and_save(self) -> bool:
+        """Validate on rank 0, save, and agree on early stopping across ranks. True = stop."""
+        stop = False
+        if self.main:
+            metrics = self.validate()
+            score = metrics["dev_nll"] if self.cfg.best_metric == "loss" else metrics[self.cfg.best_metric]
+            better = self._is_better(score)
+            if better:
+                self.pos.best_score, self.pos.bad_validations = score, 0
+            else:
+                self.pos.bad_validations += 1
+            rec = {"type": "valid", "step": self.pos.step, "minutes": self.pos.seconds / 60, **metrics,
+                   "best": better}
+            self.log_record(rec)
+            log.info("validation at step %d: %s", self.pos.step,
+                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                              if k not in ("type", "step")))
+            self.save(best=better)
+            stop = bool(self.cfg.patience and self.pos.bad_validations >= self.cfg.patience)
+        return dist.broadcast_flag(stop, self.ctx, self.device)
+
+    def _finish(self, reason: str) -> TrainResult:
+        if self.pos.step and self.saved_step != self.pos.step:
+            if self.dev_data is not None and reason != "early_stopping":
+                self._validate_and_save()
+            else:
+                self.save(best=self.dev_data is None)
+        if self.main and self.cfg.average_last > 1:
+            paths = step_checkpoints(self.run_dir.checkpoints)[-self.cfg.average_last:]
+            save_checkpoint(self.run_dir.average, average_checkpoints(paths))
+        best = self.run_dir.best if self.run_dir.best.exists() else None
+        dist.barrier(self.ctx)
+        return TrainResult(self.pos.step, self.pos.epoch, reason, self.pos.best_score, str(self.run_dir.last),
+                           str(best) if best else None)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(recipe: Recipe, progress: bool = True) -> TrainResult:
+    """Train (or resume) the recipe's model under recipe.output_dir."""
+    trainer = Trainer(recipe, progress)
+    try:
+        return trainer.run()
+    finally:
+        dist.shutdown(trainer.ctx)

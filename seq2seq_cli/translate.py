@@ -1,0 +1,211 @@
+"""The Translator: checkpoint(s) + tokenizer + search, over lines of raw text.
+
+Lines are sorted by length into token-budgeted batches for speed and restored to input order;
+input is consumed in windows so a file of any size is translated with bounded memory. Empty
+lines give empty translations without touching the model; lines longer than the model's
+position limit are truncated and counted. Streaming mode translates each line as soon as it
+arrives.
+
+This room does not train. Public names: Translator, batch_by_tokens, translate_ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, load_model
+from .data import DataError, clean_line
+from .search import Ensemble, Hypothesis, SearchOptions, search
+from .tokenizer import Tokenizer
+
+__all__ = ["Translator", "batch_by_tokens", "translate_ids", "TranslateStats"]
+
+log = logging.getLogger(__name__)
+
+
+def batch_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first) and cut so that rows * max_len <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur, longest = [], [], 0
+    for i in order:
+        longest_new = max(longest, lengths[i])
+        if cur and (len(cur) + 1) * longest_new > batch_tokens:
+            batches.append(cur)
+            cur, longest_new = [], lengths[i]
+        cur.append(i)
+        longest = longest_new
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def translate_ids(model, src_ids: Sequence[list[int]], opts: SearchOptions, batch_tokens: int,
+                  device: torch.device, pad_id: int,
+                  on_batch: Optional[Callable[[int, int], None]] = None) -> list[list[Hypothesis]]:
+    """Search every source (ids ending in EOS), batched by length; results in input order.
+
+    The token budget is divided by the beam size, since each sentence occupies `beam` rows.
+    `on_batch(n_sentences, n_target_tokens)` is called after each batch (progress).
+    """
+    out: list[list[Hypothesis]] = [[] for _ in src_ids]
+    per_row = max(1, batch_tokens // max(1, opts.beam if not opts.sample else opts.n_best))
+    for index in batch_by_tokens([len(s) for s in src_ids], per_row):
+        rows = [src_ids[i] for i in index]
+        src = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+        for r, ids in enumerate(rows):
+            src[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        with torch.inference_mode():
+            hyps = search(model, src.to(device), opts)
+        for i, h in zip(index, hyps):
+            out[i] = h
+        if on_batch is not None:
+            on_batch(len(index), sum(len(h[0].tokens) + 1 for h in hyps if h))
+    return out
+
+
+@dataclass
+class TranslateStats:
+    """Counts reported at the end of a decode."""
+
+    lines: int = 0
+    empty: int = 0
+    truncated: int = 0
+    target_tokens: int = 0
+    truncated_lines: list[int] = field(default_factory=list)
+
+
+class Translator:
+    """Load one checkpoint (or an ensemble) and translate raw text lines."""
+
+    def __init__(self, paths: Sequence[Path], device: str = "cpu", threads: int = 0) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        ckpts = [load_checkpoint(p) for p in paths]
+        loaded = [load_model(c, self.device) for c in ckpts]
+        self.tokenizer: Tokenizer = loaded[0][1]
+        for c, (_, tok) in zip(ckpts[1:], loaded[1:]):
+            if tok.to_state() != self.tokenizer.to_state():
+                raise CheckpointError(f"{c.path}: an ensemble needs one tokenizer; this checkpoint has another")
+        models = [m for m, _ in loaded]
+        self.model = models[0] if len(models) == 1 else Ensemble(models)
+        self.recipe = ckpts[0].recipe
+        self.decode_defaults = ckpts[0].state.get("decode") or self.recipe.decode.model_dump()
+        self.max_src = min(m.cfg.max_positions for m in models) - 1
+        self.stats = TranslateStats()
+
+    def options(self, **overrides) -> SearchOptions:
+        """Search options: the checkpoint's decode defaults, then non-None overrides."""
+        values = {**self.decode_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        return SearchOptions.from_config(_Namespace(values))
+
+    def encode(self, line: str, line_no: int) -> list[int]:
+        ids = self.tokenizer.encode_src(clean_line(line))
+        if len(ids) > self.max_src:
+            self.stats.truncated += 1
+            self.stats.truncated_lines.append(line_no)
+            log.warning("line %d: %d pieces, truncated to the model's limit of %d", line_no, len(ids), self.max_src)
+            ids = ids[: self.max_src]
+        return ids + [self.tokenizer.eos_id]
+
+    def translate_window(self, lines: Sequence[str], opts: SearchOptions, batch_tokens: int,
+                         first_line_no: int = 1,
+                         on_batch: Optional[Callable[[int, int], None]] = None) -> list[list[Hypothesis]]:
+        """Translate a list of lines; empty ones give an empty hypothesis list."""
+        todo = [i for i, x in enumerate(lines) if clean_line(x)]
+        self.stats.lines += len(lines)
+        self.stats.empty += len(lines) - len(todo)
+        ids = [self.encode(lines[i], first_line_no + i) for i in todo]
+        hyps = translate_ids(self.model, ids, opts, batch_tokens, self.device, self.tokenizer.pad_id, on_batch)
+        out: list[list[Hypothesis]] = [[] for _ in lines]
+        for i, h in zip(todo, hyps):
+            out[i] = h
+            self.stats.target_tokens += sum(len(x.tokens) for x in h[:1])
+        return out
+
+    def detok(self, hyp: Hypothesis) -> str:
+        return self.tokenizer.decode_tgt(hyp.tokens)
+
+    def translate_stream(self, lines: Iterable[str], opts: SearchOptions, batch_tokens: int,
+                         window: int = 2000, on_batch: Optional[Callable[[int, int], None]] = None
+                         ) -> Iterator[list[Hypothesis]]:
+        """Yield the hypotheses of each input line in order, reading `window` lines at a time
+        (window=1 translates each line as soon as it is read)."""
+        buf: list[str] = []
+        line_no = 1
+        for line in lines:
+            buf.append(line)
+            if len(buf) >= window:
+                yield from self.translate_window(buf, opts, batch_tokens, line_no, on_batch)
+                line_no += len(buf)
+                buf = []
+        if buf:
+            yield from self.translate_window(buf, opts, batch_tokens, line_no, on_batch)
+
+
+class _Namespace:
+    def __init__(self, values: dict) -> None:
+        self.__dict__.update(values)
+
+
+def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int, n_best: int) -> list[str]:
+    """1-best: the detokenised text (empty for an empty input line); n-best: 'index<TAB>score<TAB>text' rows."""
+    if n_best <= 1:
+        return [translator.detok(hyps[0]) if hyps else ""]
+    if not hyps:
+        return [f"{index}\t0.0\t"]
+    return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" for h in hyps[:n_best]]
+
+
+def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, batch_tokens: Optional[int],
+               stream: bool, device: str, threads: int, encoding_errors: str) -> TranslateStats:
+    """The `translate decode` workflow: read lines, translate in order, write atomically, report."""
+    import sys
+    import time
+
+    from .textio import AtomicOutput, file_chunks, stdin_chunks
+    from .train import pick_device
+
+    if encoding_errors not in ("strict", "replace"):
+        raise DataError(f"--encoding-errors must be strict or replace, not {encoding_errors!r}")
+    if overrides.get("length_penalty") not in (None, "gnmt", "power"):
+        raise DataError(f"--length-penalty must be gnmt or power, not {overrides['length_penalty']!r}")
+    translator = Translator(paths, str(pick_device(device)), threads)
+    opts = translator.options(**overrides)
+    if opts.n_best > opts.beam and not opts.sample:
+        raise DataError(f"--n-best ({opts.n_best}) must not exceed --beam ({opts.beam})")
+    budget = batch_tokens or int(translator.decode_defaults.get("batch_tokens", 4096))
+    counts: dict = {}
+    from_stdin = input == "-"
+    if from_stdin:
+        chunks = stdin_chunks(1 if stream else 2000, encoding_errors, counts)
+    else:
+        chunks = file_chunks(Path(input), 2000, encoding_errors, counts)
+    out = AtomicOutput(output)
+    start, index = time.perf_counter(), 0
+    try:
+        for chunk in chunks:
+            hyps = translator.translate_window(chunk, opts, budget, index + 1)
+            rows = [r for i, h in enumerate(hyps) for r in format_hypotheses(translator, h, index + i, opts.n_best)]
+            out.write_lines(rows, flush=from_stdin or output == "-")
+            index += len(chunk)
+            if not from_stdin:
+                rate = index / max(time.perf_counter() - start, 1e-9)
+                toks = translator.stats.target_tokens / max(time.perf_counter() - start, 1e-9)
+                sys.stderr.write(f"\r{index} lines  {rate:.1f} sent/s  {toks:.0f} tok/s")
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    s = translator.stats
+    if not from_stdin:
+        sys.stderr.write("\n")
+    if s.truncated or counts.get("replaced_lines"):
+        log.warning("%d lines truncated to the model's length limit, %d lines with invalid UTF-8 replaced",
+                    s.truncated, counts.get("replaced_lines", 0))
+    return s

@@ -1,0 +1,377 @@
+"""Search on a hand-built fake model (fixed probability tables) and on a small random Transformer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+import torch
+
+from seq2seq_cli.model import build_model
+from seq2seq_cli.penalties import COVERAGE_FLOOR, rescore
+from seq2seq_cli.recipe import DecodeConfig, ModelConfig
+from seq2seq_cli.search import (Ensemble, Hypothesis, SearchOptions, beam_search, greedy_search, sample, search,
+                                top_k_top_p_filter)
+
+PAD, BOS, EOS, A, B, C = 0, 1, 2, 3, 4, 5
+VOCAB = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: intra-op threads only add contention (seconds instead of milliseconds)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------ the fake model
+
+class FakeState:
+    """One generated prefix per row; `select` copies rows like DecoderState.select."""
+
+    def __init__(self, prefixes: list[tuple[int, ...]], src_mask: torch.Tensor, step: int = 0) -> None:
+        self.prefixes, self.src_mask, self.step = prefixes, src_mask, step
+
+    def select(self, index: torch.Tensor) -> "FakeState":
+        return FakeState([self.prefixes[i] for i in index.tolist()], self.src_mask[index], self.step)
+
+
+class FakeModel:
+    """p(y | prefix) = table[prefix] (a {token: prob} dict, other tokens 0), else `default`.
+
+    Attention at step j is one-hot on source position min(j, |X| - 1), so a hypothesis with |Y|
+    tokens (EOS included) covers the first |Y| source tokens once each.
+    """
+
+    pad_id, bos_id, eos_id = PAD, BOS, EOS
+
+    def __init__(self, table: dict[tuple[int, ...], dict[int, float]],
+                 default: Optional[dict[int, float]] = None, max_positions: int = 64) -> None:
+        self.table, self.default = table, default or {EOS: 0.97, A: 0.01, B: 0.01, C: 0.01}
+        self.cfg = SimpleNamespace(max_positions=max_positions)
+        self.calls = 0
+
+    def start(self, src: torch.Tensor) -> FakeState:
+        return FakeState([()] * src.size(0), src.ne(PAD))
+
+    def _row(self, prefix: tuple[int, ...]) -> list[float]:
+        probs = self.table.get(prefix, self.default)
+        return [probs.get(tok, 0.0) for tok in range(VOCAB)]
+
+    def step(self, tokens: torch.Tensor, state: FakeState, need_attention: bool = False):
+        self.calls += 1
+        if state.step > 0:
+            state.prefixes = [p + (t,) for p, t in zip(state.prefixes, tokens.tolist())]
+        log_probs = torch.tensor([self._row(p) for p in state.prefixes]).log()  # (N, V)
+        attn = None
+        if need_attention:
+            pos = (state.src_mask.sum(1) - 1).clamp(max=state.step)  # (N,)
+            attn = torch.nn.functional.one_hot(pos, state.src_mask.size(1)).float()  # (N, S)
+        state.step += 1
+        return log_probs, attn
+
+
+# greedy takes A (0.6) then A (0.4) then EOS: 0.6*0.4*0.97 = 0.2328; but B EOS has 0.4*0.9 = 0.36
+GREEDY_TRAP = {(): {A: 0.6, B: 0.4}, (A,): {A: 0.4, B: 0.3, EOS: 0.3}, (B,): {EOS: 0.9, A: 0.05, B: 0.05}}
+# short [] has p = 0.55; long [A, A] has p = 0.44 * 0.9 * 0.92 = 0.36432
+SHORT_OR_LONG = {(): {EOS: 0.55, A: 0.44, B: 0.01}, (A,): {A: 0.9, EOS: 0.06, B: 0.04},
+                 (A, A): {EOS: 0.92, A: 0.04, B: 0.04}}
+# EOS ranks second at step 0: beam 1 must not keep it (greedy gives A B = 0.6 * 0.5 * 0.9 = 0.27 < 0.4)
+EOS_SECOND = {(): {A: 0.6, EOS: 0.4}, (A,): {B: 0.5, EOS: 0.3, A: 0.2}, (A, B): {EOS: 0.9, A: 0.1}}
+LOOP = {A: 0.7, B: 0.2, EOS: 0.1}  # as a default: A forever unless stopped
+SRC3 = torch.tensor([[7, 7, 7]])
+
+
+def opts(**kw) -> SearchOptions:
+    base = dict(beam=2, alpha=0.0, beta=0.0, max_len_a=0.0, max_len_b=10)
+    return SearchOptions(**{**base, **kw})
+
+
+def tokens_of(result: list[list[Hypothesis]]) -> list[list[list[int]]]:
+    return [[h.tokens for h in hyps] for hyps in result]
+
+
+def assert_same(r1: list[list[Hypothesis]], r2: list[list[Hypothesis]], tol: float = 1e-4) -> None:
+    assert tokens_of(r1) == tokens_of(r2)
+    for h1, h2 in zip(sum(r1, []), sum(r2, [])):
+        assert h1.score == pytest.approx(h2.score, abs=tol) and h1.log_prob == pytest.approx(h2.log_prob, abs=tol)
+
+
+# ------------------------------------------------------------------------------ options
+
+def test_search_options_mirror_decode_config():
+    cfg = DecodeConfig()
+    assert all(hasattr(cfg, f.name) for f in fields(SearchOptions))
+    assert SearchOptions.from_config(cfg) == SearchOptions()  # same defaults
+    o = SearchOptions.from_config(DecodeConfig(beam=3, alpha=0.2, top_p=0.9), n_best=2)
+    assert (o.beam, o.alpha, o.top_p, o.n_best) == (3, 0.2, 0.9, 2)
+
+
+# ------------------------------------------------------------------------------ fake-model tests
+
+def test_beam_finds_more_probable_sequence_than_greedy():
+    model = FakeModel(GREEDY_TRAP)
+    g = greedy_search(model, SRC3, opts())[0][0]
+    assert g.tokens == [A, A] and g.log_prob == pytest.approx(math.log(0.6 * 0.4 * 0.97), abs=1e-6)
+    b = beam_search(model, SRC3, opts(beam=2))[0][0]
+    assert b.tokens == [B] and b.log_prob == pytest.approx(math.log(0.36), abs=1e-6)
+    assert b.score == pytest.approx(b.log_prob)  # alpha = beta = 0: score is the raw log-prob
+
+
+def test_early_stop_when_no_open_beam_can_win():
+    model = FakeModel(GREEDY_TRAP)
+    beam_search(model, SRC3, opts(beam=2, max_len_b=10))
+    # step 0 (A, B open), step 1 (B EOS = 0.36 finishes; best open A A = 0.24 < 0.36): stop
+    assert model.calls == 2
+
+
+@pytest.mark.parametrize("table", [GREEDY_TRAP, SHORT_OR_LONG, EOS_SECOND, {}])
+def test_beam_one_equals_greedy_on_fake(table):
+    model = FakeModel(table, default=LOOP if not table else None)
+    assert_same(beam_search(model, SRC3, opts(beam=1, max_len_b=6)), greedy_search(model, SRC3, opts(max_len_b=6)))
+
+
+def test_pad_and_bos_are_never_generated():
+    model = FakeModel({(): {PAD: 0.5, BOS: 0.3, A: 0.2}})
+    for result in (greedy_search(model, SRC3, opts()), beam_search(model, SRC3, opts(n_best=2))):
+        assert result[0][0].tokens == [A] and result[0][0].log_prob == pytest.approx(math.log(0.2 * 0.97))
+        assert all(PAD not in h.tokens and BOS not in h.tokens for h in result[0])
+
+
+def test_alpha_switches_short_to_long():
+    model = FakeModel(SHORT_OR_LONG)
+    assert beam_search(model, SRC3, opts(alpha=0.0))[0][0].tokens == []
+    long = beam_search(model, SRC3, opts(alpha=2.0))[0][0]
+    assert long.tokens == [A, A]
+    assert long.score == pytest.approx(math.log(0.44 * 0.9 * 0.92) / (8 / 6) ** 2, abs=1e-6)
+    power = beam_search(model, SRC3, opts(alpha=1.0, length_penalty="power"))[0][0]
+    assert power.tokens == [A, A] and power.score == pytest.approx(math.log(0.36432) / 3, abs=1e-6)
+
+
+def test_coverage_penalty_prefers_covering_hypothesis_and_ignores_padding():
+    model = FakeModel(SHORT_OR_LONG)
+    src = torch.tensor([[7, 7, 7, PAD, PAD]])  # 3 real tokens: [A, A] + EOS covers all of them
+    assert beam_search(model, src, opts(beta=0.0))[0][0].tokens == []
+    hyps = beam_search(model, src, opts(beta=0.2, n_best=10))[0]  # every finished hypothesis
+    assert hyps[0].tokens == [A, A] and hyps[0].score == pytest.approx(hyps[0].log_prob, abs=1e-6)
+    empty = next(h for h in hyps if h.tokens == [])  # covers 1 of 3 real tokens; the pads do not count
+    assert empty.score == pytest.approx(math.log(0.55) + 0.2 * 2 * math.log(COVERAGE_FLOOR), rel=1e-5)
+
+
+def test_min_len_forbids_early_eos():
+    model = FakeModel({})  # EOS 0.97 everywhere
+    assert greedy_search(model, SRC3, opts())[0][0].tokens == []
+    for result in (greedy_search(model, SRC3, opts(min_len=3)), beam_search(model, SRC3, opts(min_len=3, n_best=2))):
+        assert all(len(h.tokens) >= 3 for h in result[0])
+        assert len(result[0][0].tokens) == 3
+
+
+def test_max_len_forces_eos_and_counts_it():
+    model = FakeModel({}, default=LOOP)
+    src = torch.tensor([[7, 7, 7, PAD, PAD]])  # |X| = 3 real tokens
+    g = greedy_search(model, src, opts(max_len_a=1.0, max_len_b=1))[0][0]  # 1.0 * 3 + 1 = 4
+    assert g.tokens == [A] * 4 and g.log_prob == pytest.approx(4 * math.log(0.7) + math.log(0.1), abs=1e-5)
+    hyps = beam_search(model, src, opts(max_len_a=1.0, max_len_b=1, alpha=2.0, length_penalty="power", n_best=2))[0]
+    assert hyps[0].tokens == [A] * 4 and all(len(h.tokens) <= 4 for h in hyps)
+
+
+def test_max_len_capped_by_max_positions():
+    model = FakeModel({}, default=LOOP, max_positions=4)
+    assert greedy_search(model, SRC3, opts(max_len_b=100))[0][0].tokens == [A] * 3
+    assert all(len(h.tokens) <= 3 for h in beam_search(model, SRC3, opts(max_len_b=100, n_best=2))[0])
+
+
+def _has_repeat(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram():
+    model = FakeModel({}, default=LOOP)
+    assert _has_repeat(greedy_search(model, SRC3, opts(max_len_b=8))[0][0].tokens, 2)
+    assert greedy_search(model, SRC3, opts(max_len_b=8, no_repeat_ngram=2))[0][0].tokens == [A, A, B, A]
+    assert greedy_search(model, SRC3, opts(max_len_b=8, no_repeat_ngram=1))[0][0].tokens == [A, B]
+    hyps = beam_search(model, SRC3, opts(beam=3, n_best=3, max_len_b=8, alpha=1.0, no_repeat_ngram=2))[0]
+    assert not any(_has_repeat(h.tokens, 2) for h in hyps)
+
+
+def test_n_best_sorted_and_first_is_one_best_on_fake():
+    model = FakeModel(SHORT_OR_LONG)
+    hyps = beam_search(model, SRC3, opts(beam=3, n_best=3, alpha=2.0))[0]
+    assert len(hyps) == 3 and [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert hyps[0].tokens == beam_search(model, SRC3, opts(beam=3, alpha=2.0))[0][0].tokens
+
+
+FIRST_TOKEN = {(): {A: 0.5, B: 0.3, C: 0.2}}
+
+
+def _first_tokens(top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
+    model = FakeModel(FIRST_TOKEN, default={EOS: 1.0})
+    src = SRC3.repeat(300, 1)
+    result = sample(model, src, opts(sample=True, top_k=top_k, top_p=top_p, seed=seed))
+    return [hyps[0].tokens[0] for hyps in result]
+
+
+def test_sampling_filters():
+    assert set(_first_tokens()) == {A, B, C}
+    assert set(_first_tokens(top_k=2)) == {A, B}
+    assert set(_first_tokens(top_p=0.6)) == {A, B}  # 0.5 < 0.6 <= 0.5 + 0.3
+    assert set(_first_tokens(top_p=0.45)) == {A}
+
+
+def test_top_k_top_p_filter_keeps_at_least_one():
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert torch.isfinite(top_k_top_p_filter(logits, 0, 1e-9)).tolist() == [[False, True, False]]
+    assert torch.isfinite(top_k_top_p_filter(logits, 2, 1.0)).tolist() == [[False, True, True]]
+
+
+def test_sampling_seeded():
+    assert _first_tokens(seed=3) == _first_tokens(seed=3)
+    assert _first_tokens(seed=3) != _first_tokens(seed=4)
+
+
+def test_sampling_n_best_sorted():
+    model = FakeModel({}, default=LOOP)
+    hyps = sample(model, SRC3, opts(sample=True, n_best=5, max_len_b=6))[0]
+    assert len(hyps) == 5 and [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+def test_search_dispatch():
+    model = FakeModel(GREEDY_TRAP)
+    assert search(model, SRC3, opts(beam=1))[0][0].tokens == [A, A]
+    assert search(model, SRC3, opts(beam=2))[0][0].tokens == [B]
+    assert search(model, SRC3, opts(sample=True, top_k=1))[0][0].tokens == [A, A]
+
+
+# ------------------------------------------------------------------------------ the real Transformer
+
+@pytest.fixture(scope="module")
+def transformer():
+    """A random model whose EOS embedding is scaled up, so hypotheses end at varied lengths
+    (with the plain init every output runs to max_len and early finishing goes untested)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, ff_dim=64, dropout=0.0)
+    model = build_model(cfg, 40, 40, 0, 2, 3).eval()
+    with torch.no_grad():
+        model.tgt_embed.weight[3] *= 10.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    lengths = [7, 3, 9, 1, 5]
+    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, 40, (n,), generator=g)
+    return src, lengths
+
+
+def real_opts(**kw) -> SearchOptions:
+    return SearchOptions(**{**dict(beam=4, alpha=0.6, max_len_a=1.5, max_len_b=5), **kw})
+
+
+def test_beam_one_equals_greedy_on_transformer(transformer, batch):
+    src, _ = batch
+    o = real_opts(beam=1, alpha=0.0)
+    assert_same(beam_search(transformer, src, o), greedy_search(transformer, src, o))
+
+
+@pytest.mark.parametrize("kw", [dict(beam=1), dict(beam=4), dict(beam=4, beta=0.3, n_best=2)],
+                         ids=["greedy", "beam4", "beam4-coverage"])
+def test_batch_invariance(transformer, batch, kw):
+    src, lengths = batch
+    o = real_opts(**kw)
+    together = search(transformer, src, o)
+    alone = [search(transformer, src[i:i + 1, :n], o)[0] for i, n in enumerate(lengths)]
+    assert_same(together, alone)
+
+
+def _teacher_forced(model, src_row: torch.Tensor, tokens: list[int]) -> tuple[float, torch.Tensor]:
+    """Summed log-prob of tokens + EOS and the summed attention (1, S), one step at a time."""
+    state, total, coverage = model.start(src_row), 0.0, torch.zeros(src_row.shape)
+    with torch.no_grad():
+        for prev, nxt in zip([model.bos_id] + tokens, tokens + [model.eos_id]):
+            lp, attn = model.step(torch.tensor([prev]), state, True)
+            total, coverage = total + lp[0, nxt].item(), coverage + attn
+    return total, coverage
+
+
+@pytest.mark.parametrize("kw", [dict(beam=4, beta=0.3, n_best=4), dict(beam=1, beta=0.3)], ids=["beam", "greedy"])
+def test_scores_match_teacher_forced_rescoring(transformer, batch, kw):
+    """log_prob and coverage must follow the back-pointers: recompute every hypothesis from scratch."""
+    src, lengths = batch
+    o = real_opts(**kw)
+    for i, hyps in enumerate(search(transformer, src, o)):
+        row = src[i:i + 1, :lengths[i]]
+        for h in hyps:
+            log_prob, coverage = _teacher_forced(transformer, row, h.tokens)
+            expected = rescore(torch.tensor([log_prob]), torch.tensor([len(h.tokens) + 1]), coverage,
+                               row.ne(0), o.alpha, o.beta).item()
+            assert h.log_prob == pytest.approx(log_prob, abs=1e-4) and h.score == pytest.approx(expected, abs=1e-4)
+
+
+def test_n_best_on_transformer(transformer, batch):
+    src, _ = batch
+    nbest = beam_search(transformer, src, real_opts(n_best=4))
+    one = beam_search(transformer, src, real_opts(n_best=1))
+    for hyps, best in zip(nbest, one):
+        assert len(hyps) == 4 and [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        assert hyps[0].tokens == best[0].tokens and hyps[0].score == pytest.approx(best[0].score, abs=1e-5)
+
+
+def test_max_len_on_transformer(transformer, batch):
+    src, lengths = batch
+    lens = [(len(h.tokens), int(1.5 * n + 5)) for hyps, n in zip(beam_search(transformer, src, real_opts(n_best=4)),
+                                                                   lengths) for h in hyps]
+    assert all(got <= cap for got, cap in lens)
+    assert any(got == cap for got, cap in lens) and any(got < cap for got, cap in lens)  # both endings occur
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)])
+def test_degenerate_sampling_equals_greedy(transformer, batch, kw):
+    src, _ = batch
+    o = real_opts(beam=1, sample=True, **kw)
+    assert_same(sample(transformer, src, o), greedy_search(transformer, src, o))
+
+
+def test_sampling_differs_from_greedy_at_high_temperature(transformer, batch):
+    src, _ = batch
+    o = real_opts(beam=1, sample=True, temperature=2.0)
+    assert tokens_of(sample(transformer, src, o)) != tokens_of(greedy_search(transformer, src, o))
+
+
+# ------------------------------------------------------------------------------ ensembles
+
+def test_ensemble_of_one_and_of_two_copies_equals_the_model(transformer, batch):
+    src, _ = batch
+    o = real_opts(beta=0.3, n_best=2)
+    alone = beam_search(transformer, src, o)
+    assert_same(beam_search(Ensemble([transformer]), src, o), alone)
+    assert_same(beam_search(Ensemble([transformer, transformer]), src, o), alone)
+
+
+def test_ensemble_step_is_renormalised_mean_of_log_probs(transformer, batch):
+    src, _ = batch
+    torch.manual_seed(5)
+    other = build_model(transformer.cfg, 40, 40, 0, 2, 3).eval()
+    ens = Ensemble([transformer, other])
+    tokens = torch.full((src.size(0),), 2)
+    with torch.no_grad():
+        lp, attn = ens.step(tokens, ens.start(src), need_attention=True)
+        lp1, a1 = transformer.step(tokens, transformer.start(src), True)
+        lp2, a2 = other.step(tokens, other.start(src), True)
+    assert torch.allclose(lp, ((lp1 + lp2) / 2).log_softmax(-1), atol=1e-6)
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(src.size(0)), atol=1e-5)
+    assert torch.allclose(attn, (a1 + a2) / 2, atol=1e-6)
+
+
+def test_ensemble_rejects_mismatched_special_ids(transformer):
+    other = build_model(transformer.cfg, 40, 40, 0, 1, 3)
+    with pytest.raises(ValueError, match="ids"):
+        Ensemble([transformer, other])
