@@ -80,10 +80,14 @@ class MultiHeadAttention(nn.Module):
                                             float("-inf"))
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            probs = scores.float().softmax(-1).to(qh.dtype)
+            probs = scores.float().softmax(-1).nan_to_num(0.0).to(qh.dtype)  # all-masked rows → 0
             weights = probs.mean(dim=1)  # (B, T, S), heads averaged
             ctx = F.dropout(probs, p, self.training) @ v
         else:
+            if causal and k.size(-2) != t:  # new positions after a cache: align the causal mask bottom-right
+                s = k.size(-2)
+                tri = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+                mask, causal = (tri if mask is None else mask & tri), False
             ctx = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.out_proj(ctx), weights

@@ -1,23 +1,18 @@
 """Decoding: greedy search, batched beam search with GNMT penalties, sampling, and ensembles.
 
-Search sees a model only through the `Seq2SeqDecoder` protocol (start / step / select and the
-special ids), so tests drive it with a hand-built fake whose log-probs come from fixed tables.
+Search sees a model only through the `Seq2SeqDecoder` protocol (start / step / state.select and the
+special ids), so tests can drive it with a fake model whose log-probs come from fixed tables.
 
 Conventions (shared with `penalties.py`):
-  * A hypothesis' tokens exclude BOS and EOS; its length |Y| counts the tokens plus EOS.
-  * `max_len = min(int(max_len_a * |X| + max_len_b), max_positions - 1)` tokens, |X| = real source
-    tokens; at step `max_len` only EOS is allowed (forced, and its log-prob is counted).
-    EOS is forbidden while fewer than `min_len` tokens exist (max_len wins if they conflict).
-  * PAD and BOS are never generated.
-  * Beam search keeps RAW summed log-probs for the open beams and prunes by them (fairseq style);
-    the length and coverage penalties, s(Y, X) = log P(Y|X) / lp(Y) + cp(X; Y), are applied only
-    when a hypothesis finishes, to rank the finished ones. Nothing ever has to be "unnormalised".
-  * Every decision is per sentence (top-k within a sentence's own k*V candidates, per-sentence
-    stopping), so a sentence's output does not depend on the other sentences in its batch.
-
-This room knows nothing about files, tokenizers or training.
-Public names: Seq2SeqDecoder, SearchOptions, Hypothesis, greedy_search, beam_search, sample,
-search, top_k_top_p_filter, Ensemble, EnsembleState.
+  * Hypothesis tokens exclude BOS and EOS; the length |Y| counts the tokens plus EOS.
+  * max_len = min(int(max_len_a * |X| + max_len_b), max_positions - 1) tokens, |X| = real source
+    tokens; at step max_len only EOS is allowed (forced; its log-prob counts). EOS is forbidden
+    while fewer than min_len tokens exist (max_len wins a conflict). PAD and BOS are never generated.
+  * Beam search prunes open beams by their RAW summed log-prob (fairseq style). The penalties,
+    s(Y, X) = log P(Y|X) / lp(Y) + cp(X; Y), rank only finished hypotheses, applied once when a
+    hypothesis emits EOS, so no score ever needs "unnormalising".
+  * Every decision is per sentence (top-k over the sentence's own k*V candidates, per-sentence
+    stopping): a sentence's output does not depend on the other sentences in its batch.
 """
 
 from __future__ import annotations
@@ -169,8 +164,8 @@ def _hypotheses(history: Tensor, sum_log_prob: Tensor, coverage: Optional[Tensor
 
 def _best_first(finished: list[list[Hypothesis]], n: int) -> list[list[Hypothesis]]:
     """The n best hypotheses per sentence by final score (stable: ties keep discovery order)."""
-    empty = Hypothesis([], NEG_INF, NEG_INF)  # only if every path was forbidden
-    return [sorted(hyps, key=lambda h: -h.score)[:n] or [empty] for hyps in finished]
+    return [sorted(hyps, key=lambda h: -h.score)[:n] or [Hypothesis([], NEG_INF, NEG_INF)]  # all forbidden
+            for hyps in finished]
 
 
 # ------------------------------------------------------------------ greedy and sampling
@@ -404,6 +399,6 @@ class Ensemble:
         outs = [m.step(tokens, s, need_attention) for m, s in zip(self.models, state.states)]
         if len({lp.shape for lp, _ in outs}) > 1:
             raise ValueError(f"ensemble members disagree on the vocabulary: {[lp.shape for lp, _ in outs]}")
-        log_probs = torch.stack([lp for lp, _ in outs]).sum(0)  # (N, V)
+        log_probs = torch.stack([lp for lp, _ in outs]).mean(0).log_softmax(-1)  # (N, V)
         attns = [a for _, a in outs if a is not None]  # each (N, S)
         return log_probs, (torch.stack(attns).mean(0) if need_attention and attns else None)

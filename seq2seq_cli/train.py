@@ -209,8 +209,7 @@ class Trainer:
                 _, nll, n = label_smoothed_nll(logits, b.tgt_out[keep], 0.0, tok.pad_id)
                 nll_sum, n_tok = nll_sum + float(nll), n_tok + n
         limit = self.cfg.valid_max_sentences or len(self.dev_data)
-        opts = SearchOptions.from_config(self.recipe.decode)
-        opts = SearchOptions(**{**opts.__dict__, "beam": self.cfg.valid_beam, "n_best": 1, "sample": False})
+        opts = SearchOptions.from_config(self.recipe.decode, beam=self.cfg.valid_beam, n_best=1, sample=False)
         with self._autocast():
             hyps = translate_ids(self.model, self.dev_data.src[:limit], opts, self.recipe.decode.batch_tokens,
                                  self.device, tok.pad_id)

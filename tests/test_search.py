@@ -13,20 +13,11 @@ import torch
 from seq2seq_cli.model import build_model
 from seq2seq_cli.penalties import COVERAGE_FLOOR, rescore
 from seq2seq_cli.recipe import DecodeConfig, ModelConfig
-from seq2seq_cli.search import (Ensemble, Hypothesis, SearchOptions, beam_search, greedy_search, sample, search,
-                                top_k_top_p_filter)
+from seq2seq_cli.search import (Ensemble, Hypothesis, SearchOptions, beam_search, greedy_search, sample,
+                                search, top_k_top_p_filter)
 
 PAD, BOS, EOS, A, B, C = 0, 1, 2, 3, 4, 5
 VOCAB = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only add contention (seconds instead of milliseconds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ the fake model
@@ -99,7 +90,8 @@ def tokens_of(result: list[list[Hypothesis]]) -> list[list[list[int]]]:
 def assert_same(r1: list[list[Hypothesis]], r2: list[list[Hypothesis]], tol: float = 1e-4) -> None:
     assert tokens_of(r1) == tokens_of(r2)
     for h1, h2 in zip(sum(r1, []), sum(r2, [])):
-        assert h1.score == pytest.approx(h2.score, abs=tol) and h1.log_prob == pytest.approx(h2.log_prob, abs=tol)
+        assert h1.score == pytest.approx(h2.score, abs=tol)
+        assert h1.log_prob == pytest.approx(h2.log_prob, abs=tol)
 
 
 # ------------------------------------------------------------------------------ options
@@ -133,7 +125,8 @@ def test_early_stop_when_no_open_beam_can_win():
 @pytest.mark.parametrize("table", [GREEDY_TRAP, SHORT_OR_LONG, EOS_SECOND, {}])
 def test_beam_one_equals_greedy_on_fake(table):
     model = FakeModel(table, default=LOOP if not table else None)
-    assert_same(beam_search(model, SRC3, opts(beam=1, max_len_b=6)), greedy_search(model, SRC3, opts(max_len_b=6)))
+    o = opts(beam=1, max_len_b=6)
+    assert_same(beam_search(model, SRC3, o), greedy_search(model, SRC3, o))
 
 
 def test_pad_and_bos_are_never_generated():
@@ -166,7 +159,8 @@ def test_coverage_penalty_prefers_covering_hypothesis_and_ignores_padding():
 def test_min_len_forbids_early_eos():
     model = FakeModel({})  # EOS 0.97 everywhere
     assert greedy_search(model, SRC3, opts())[0][0].tokens == []
-    for result in (greedy_search(model, SRC3, opts(min_len=3)), beam_search(model, SRC3, opts(min_len=3, n_best=2))):
+    o = opts(min_len=3, n_best=2)
+    for result in (greedy_search(model, SRC3, o), beam_search(model, SRC3, o)):
         assert all(len(h.tokens) >= 3 for h in result[0])
         assert len(result[0][0].tokens) == 3
 
@@ -176,7 +170,8 @@ def test_max_len_forces_eos_and_counts_it():
     src = torch.tensor([[7, 7, 7, PAD, PAD]])  # |X| = 3 real tokens
     g = greedy_search(model, src, opts(max_len_a=1.0, max_len_b=1))[0][0]  # 1.0 * 3 + 1 = 4
     assert g.tokens == [A] * 4 and g.log_prob == pytest.approx(4 * math.log(0.7) + math.log(0.1), abs=1e-5)
-    hyps = beam_search(model, src, opts(max_len_a=1.0, max_len_b=1, alpha=2.0, length_penalty="power", n_best=2))[0]
+    o = opts(max_len_a=1.0, max_len_b=1, alpha=2.0, length_penalty="power", n_best=2)
+    hyps = beam_search(model, src, o)[0]
     assert hyps[0].tokens == [A] * 4 and all(len(h.tokens) <= 4 for h in hyps)
 
 
@@ -302,7 +297,8 @@ def _teacher_forced(model, src_row: torch.Tensor, tokens: list[int]) -> tuple[fl
     return total, coverage
 
 
-@pytest.mark.parametrize("kw", [dict(beam=4, beta=0.3, n_best=4), dict(beam=1, beta=0.3)], ids=["beam", "greedy"])
+@pytest.mark.parametrize("kw", [dict(beam=4, beta=0.3, n_best=4), dict(beam=1, beta=0.3)],
+                         ids=["beam", "greedy"])
 def test_scores_match_teacher_forced_rescoring(transformer, batch, kw):
     """log_prob and coverage must follow the back-pointers: recompute every hypothesis from scratch."""
     src, lengths = batch
@@ -313,7 +309,8 @@ def test_scores_match_teacher_forced_rescoring(transformer, batch, kw):
             log_prob, coverage = _teacher_forced(transformer, row, h.tokens)
             expected = rescore(torch.tensor([log_prob]), torch.tensor([len(h.tokens) + 1]), coverage,
                                row.ne(0), o.alpha, o.beta).item()
-            assert h.log_prob == pytest.approx(log_prob, abs=1e-4) and h.score == pytest.approx(expected, abs=1e-4)
+            assert h.log_prob == pytest.approx(log_prob, abs=1e-4)
+            assert h.score == pytest.approx(expected, abs=1e-4)
 
 
 def test_n_best_on_transformer(transformer, batch):
@@ -327,8 +324,8 @@ def test_n_best_on_transformer(transformer, batch):
 
 def test_max_len_on_transformer(transformer, batch):
     src, lengths = batch
-    lens = [(len(h.tokens), int(1.5 * n + 5)) for hyps, n in zip(beam_search(transformer, src, real_opts(n_best=4)),
-                                                                   lengths) for h in hyps]
+    results = beam_search(transformer, src, real_opts(n_best=4))
+    lens = [(len(h.tokens), int(1.5 * n + 5)) for hyps, n in zip(results, lengths) for h in hyps]
     assert all(got <= cap for got, cap in lens)
     assert any(got == cap for got, cap in lens) and any(got < cap for got, cap in lens)  # both endings occur
 
