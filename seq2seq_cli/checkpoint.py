@@ -29,7 +29,7 @@ import torch
 
 from .model import Seq2SeqTransformer, build_model
 from .recipe import Recipe, RecipeError, UserError, recipe_from_dict
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, set_default_mode
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
            "load_model", "average_checkpoints", "prune_checkpoints", "RunDir", "link_checkpoint",
@@ -62,6 +62,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        set_default_mode(fd)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write checkpoint: {exc.strerror}") from None
     try:
@@ -75,8 +76,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except (OSError, RuntimeError) as exc:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise
         reason = "disk full" if getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc) else str(exc)
         raise CheckpointError(f"{path}: cannot write checkpoint ({reason}); the previous file is kept") from None
 

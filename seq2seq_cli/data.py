@@ -161,10 +161,16 @@ class EncodedCorpus:
 
 
 def encode_pairs(text: ParallelText, tok: Tokenizer, max_len: int, max_len_ratio: float = 0.0,
-                 filter_long: bool = True) -> EncodedCorpus:
-    """Encode both sides; drop pairs longer than max_len pieces (+1 for EOS) or beyond the ratio."""
+                 filter_long: bool = True, truncate: bool = False) -> EncodedCorpus:
+    """Encode both sides; drop pairs longer than max_len pieces (+1 for EOS) or beyond the ratio.
+
+    With truncate=True (dev sets) long sides are cut to max_len - 1 pieces instead of dropped.
+    """
     src_ids = tok.encode_src_batch(text.src)
     tgt_ids = tok.encode_tgt_batch(text.tgt)
+    if truncate:
+        src_ids = [s[: max_len - 1] for s in src_ids]
+        tgt_ids = [t[: max_len - 1] for t in tgt_ids]
     out = EncodedCorpus([], [])
     for s, t in zip(src_ids, tgt_ids):
         if filter_long and (len(s) + 1 > max_len or len(t) + 1 > max_len):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -60,9 +59,13 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Train (resuming if possible); trains the tokenizer first when it is missing."""
     from .train import train
 
+    from . import distributed as dist
+
     run = RunDir(recipe.output_dir)
-    if int(os.environ.get("RANK", "0")) == 0 and not _tokenizer_ready(run):
+    ctx = dist.init_from_env()  # under torchrun: join the group so rank 0 can train the tokenizer first
+    if ctx.rank == 0 and not _tokenizer_ready(run):
         run_tokenizer(recipe)
+    dist.barrier(ctx)
     result = train(recipe, progress=progress)
     return dict(result.__dict__)
 
@@ -76,9 +79,9 @@ def _tokenizer_ready(run: RunDir) -> bool:
 
 
 def best_checkpoint(recipe: Recipe) -> Path:
-    """average.pt when averaging is on, else best.pt, else last.pt."""
+    """best.pt (best on dev, the checkpoint average included), else last.pt."""
     run = RunDir(recipe.output_dir)
-    for p in ([run.average] if recipe.train.average_last > 1 else []) + [run.best, run.last]:
+    for p in (run.best, run.last):
         if p.exists():
             return p
     return run.last

@@ -176,6 +176,9 @@ class Recipe(_Strict):
     def _sharing_needs_joint(self) -> "Recipe":
         if self.model.share_embeddings and not self.tokenizer.joint:
             raise ValueError("model.share_embeddings needs tokenizer.joint: true (or set it to false)")
+        if self.data.max_len > self.model.max_positions:
+            raise ValueError(f"data.max_len ({self.data.max_len}) must not exceed model.max_positions "
+                             f"({self.model.max_positions})")
         return self
 
 

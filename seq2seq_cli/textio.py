@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Iterator, Optional
 
 from .data import DataError, decode_bytes, iter_lines
+from .tokenizer import set_default_mode
 
 __all__ = ["file_chunks", "stdin_chunks", "AtomicOutput"]
 
@@ -88,6 +89,7 @@ class AtomicOutput:
             raise DataError(f"{path}: output directory {parent} does not exist")
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+            set_default_mode(fd)
         except OSError as exc:
             raise DataError(f"{path}: cannot write output ({exc.strerror})") from None
         self.tmp = Path(tmp)

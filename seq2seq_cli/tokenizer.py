@@ -170,8 +170,16 @@ def _read(path: Path) -> bytes:
     return data
 
 
+def set_default_mode(fd: int) -> None:
+    """Give a mkstemp file (mode 0600) the permissions a plainly created file would have (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    set_default_mode(fd)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -31,7 +31,7 @@ import torch
 from . import distributed as dist
 from .checkpoint import (CheckpointError, RunDir, average_checkpoints, link_checkpoint, load_checkpoint, prune_checkpoints,
                          save_checkpoint, step_checkpoints)
-from .data import EncodedCorpus, ParallelText, collate, encode_pairs, make_batches, read_split, shard_batches
+from .data import DataError, EncodedCorpus, ParallelText, collate, encode_pairs, make_batches, read_split, shard_batches
 from .loss import label_smoothed_nll
 from .model import Seq2SeqTransformer, build_model
 from .recipe import Recipe
@@ -120,7 +120,7 @@ class Trainer:
         text = read_split(d.train, d.encoding_errors)
         self.train_data = encode_pairs(text, self.tok, d.max_len, d.max_len_ratio)
         if len(self.train_data) == 0:
-            raise ValueError(f"{d.train.src or d.train.tsv}: no training pair is shorter than data.max_len={d.max_len}")
+            raise DataError(f"{d.train.src or d.train.tsv}: no training pair is shorter than data.max_len={d.max_len}")
         self.src_lens = [len(s) for s in self.train_data.src]
         self.tgt_lens = [len(t) for t in self.train_data.tgt]
         if self.main:
@@ -131,8 +131,8 @@ class Trainer:
         self.dev_data: Optional[EncodedCorpus] = None
         if d.dev is not None:
             self.dev_text = read_split(d.dev, d.encoding_errors)
-            self.dev_data = encode_pairs(self.dev_text, self.tok, self.recipe.model.max_positions - 1,
-                                         filter_long=False)
+            self.dev_data = encode_pairs(self.dev_text, self.tok, self.recipe.model.max_positions,
+                                         filter_long=False, truncate=True)
 
     def _resume(self) -> None:
         if not self.run_dir.last.exists():
@@ -140,7 +140,7 @@ class Trainer:
         ckpt = load_checkpoint(self.run_dir.last)
         s = ckpt.state
         if "optimizer" not in s:
-            raise ValueError(f"{ckpt.path}: has no optimizer state; cannot resume from it")
+            raise CheckpointError(f"{ckpt.path}: has no optimizer state; cannot resume from it")
         try:
             self.model.load_state_dict(s["model"])
         except RuntimeError:
@@ -215,7 +215,7 @@ class Trainer:
                                  self.device, tok.pad_id)
         sys_out = [tok.decode_tgt(h[0].tokens) if h else "" for h in hyps]
         refs = [self.dev_text.tgt[:limit]]
-        scores = {m.name.lower(): m.score for m in corpus_scores(sys_out, refs, ("bleu", "chrf"))}
+        scores = {k: m.score for k, m in zip(("bleu", "chrf"), corpus_scores(sys_out, refs, ("bleu", "chrf")))}
         dev_loss = nll_sum / max(1, n_tok)
         return {"dev_nll": dev_loss, "dev_ppl": math.exp(min(dev_loss, 50.0)), **scores}
 
@@ -237,6 +237,7 @@ class Trainer:
 
     def save(self, best: bool = False) -> None:
         """Write step-N.pt, point last.pt (and best.pt) at it, keep the newest keep_last files."""
+        self.saved_step = self.pos.step  # every rank tracks it, so all agree on the final save in _finish
         if not self.main:
             return
         path = self.run_dir.step_file(self.pos.step)
@@ -245,7 +246,6 @@ class Trainer:
         if best:
             link_checkpoint(path, self.run_dir.best)
         prune_checkpoints(self.run_dir.checkpoints, self.cfg.keep_last)
-        self.saved_step = self.pos.step
 
     def log_record(self, record: dict[str, Any]) -> None:
         if self.main:
@@ -285,7 +285,7 @@ class Trainer:
         acc, world = self.cfg.accum_steps, self.ctx.world
         mine = shard_batches(batches, self.ctx.rank, world, acc)
         if not mine:
-            raise ValueError(f"{len(batches)} batches per epoch cannot feed {world} ranks x {acc} accumulation steps")
+            raise DataError(f"{len(batches)} batches per epoch cannot feed {world} ranks x {acc} accumulation steps")
         return [mine[i: i + acc] for i in range(0, len(mine), acc)]
 
     def _loop(self, bar) -> str:
@@ -352,7 +352,30 @@ class Trainer:
                               if k not in ("type", "step")))
             self.save(best=better)
             stop = bool(self.cfg.patience and self.pos.bad_validations >= self.cfg.patience)
+        self.saved_step = self.pos.step
         return dist.broadcast_flag(stop, self.ctx, self.device)
+
+    def _average(self) -> None:
+        """Average the last N step checkpoints into average.pt; if it validates better than the
+        best checkpoint on dev, it becomes best.pt (the choice is made on dev, never on test)."""
+        paths = step_checkpoints(self.run_dir.checkpoints)[-self.cfg.average_last:]
+        averaged = average_checkpoints(paths)
+        save_checkpoint(self.run_dir.average, averaged)
+        if self.dev_data is None or len(paths) < 2:
+            return
+        trained = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(averaged["model"])
+        metrics = self.validate()
+        self.model.load_state_dict(trained)
+        score = metrics["dev_nll"] if self.cfg.best_metric == "loss" else metrics[self.cfg.best_metric]
+        better = self._is_better(score)
+        self.log_record({"type": "average", "step": self.pos.step, "averaged": len(paths), **metrics,
+                         "best": better})
+        log.info("average of %d checkpoints: %s=%.4g (%s than best)", len(paths), self.cfg.best_metric, score,
+                 "better" if better else "not better")
+        if better:
+            self.pos.best_score = score
+            link_checkpoint(self.run_dir.average, self.run_dir.best)
 
     def _finish(self, reason: str) -> TrainResult:
         if self.pos.step and self.saved_step != self.pos.step:
@@ -361,8 +384,7 @@ class Trainer:
             else:
                 self.save(best=self.dev_data is None)
         if self.main and self.cfg.average_last > 1:
-            paths = step_checkpoints(self.run_dir.checkpoints)[-self.cfg.average_last:]
-            save_checkpoint(self.run_dir.average, average_checkpoints(paths))
+            self._average()
         best = self.run_dir.best if self.run_dir.best.exists() else None
         dist.barrier(self.ctx)
         return TrainResult(self.pos.step, self.pos.epoch, reason, self.pos.best_score, str(self.run_dir.last),

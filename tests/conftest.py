@@ -25,9 +25,32 @@ import pytest  # noqa: E402
 
 E2E_REPO = Path(__file__).resolve().parents[1]
 E2E_RECIPE = E2E_REPO / "recipes" / "tiny.yaml"
-E2E_SMALL = {"train.max_steps": 30, "train.valid_every": 15, "train.log_every": 10, "train.valid_max_sentences": 20,
-             "data.train.max_lines": 600, "data.dev.max_lines": 20, "data.test.max_lines": 20,
-             "tokenizer.vocab_size": 300, "model.d_model": 32, "model.ff_dim": 64, "train.threads": 1}
+E2E_SMALL = {"train.max_steps": 120, "train.valid_every": 60, "train.log_every": 20,
+             "train.valid_max_sentences": 20, "train.lr_factor": 0.5, "train.warmup_steps": 30,
+             "train.batch_tokens": 1024, "data.train.max_lines": 1000, "data.dev.max_lines": 20,
+             "data.test.max_lines": 20, "tokenizer.vocab_size": 100, "model.d_model": 32,
+             "model.ff_dim": 64, "train.threads": 1}
+# A word-for-word "translation" task that the small model learns within ~100 updates, so that
+# translations depend on the input (the Bible slice would need far more steps than a test can pay).
+E2E_EN = ("one two three four five six seven eight nine ten red blue green black white big small old new "
+          "good bad king queen house water fire earth light dark day").split()
+E2E_ES = ("uno dos tres cuatro cinco seis siete ocho nueve diez rojo azul verde negro blanco grande chico "
+          "viejo nuevo bueno malo rey reina casa agua fuego tierra luz oscuro dia").split()
+
+
+def e2e_write_corpus(directory: Path) -> dict[str, str]:
+    """Write train/dev/test .en/.es files of the word-mapping task; return the data.* overrides."""
+    import random
+
+    rng, mapping = random.Random(0), dict(zip(E2E_EN, E2E_ES))
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", 1000), ("dev", 20), ("test", 20)):
+        src = [" ".join(rng.choice(E2E_EN) for _ in range(rng.randint(2, 7))) for _ in range(n)]
+        (directory / f"{name}.en").write_text("".join(x + "\n" for x in src), encoding="utf-8")
+        tgt = [" ".join(mapping[w] for w in x.split()) for x in src]
+        (directory / f"{name}.es").write_text("".join(x + "\n" for x in tgt), encoding="utf-8")
+    return {f"data.{name}.{side}": str(directory / f"{name}.{ext}") for name in ("train", "dev", "test")
+            for side, ext in (("src", "en"), ("tgt", "es"))}
 
 
 @dataclass
@@ -36,19 +59,24 @@ class E2E:
 
     recipe: Path
     run_dir: Path
+    data: dict[str, str]
     run_exit_code: int
     run_stdout: str
     run_stderr: str
 
-    @staticmethod
-    def overrides(output_dir: Path, **extra: Any) -> list[str]:
+    def overrides(self, output_dir: Path, **extra: Any) -> list[str]:
         """KEY=VALUE overrides for the small recipe (extra keys use __ for dots: train__max_steps=5)."""
-        values = {"output_dir": str(output_dir), **E2E_SMALL, **{k.replace("__", "."): v for k, v in extra.items()}}
+        values = {"output_dir": str(output_dir), **E2E_SMALL, **self.data,
+                  **{k.replace("__", "."): v for k, v in extra.items()}}
         return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
 
-    @classmethod
-    def set_args(cls, output_dir: Path, **extra: Any) -> list[str]:
-        return [a for o in cls.overrides(output_dir, **extra) for a in ("--set", o)]
+    def set_args(self, output_dir: Path, **extra: Any) -> list[str]:
+        return [a for o in self.overrides(output_dir, **extra) for a in ("--set", o)]
+
+    def load(self, output_dir: Path, **extra: Any):
+        """The validated Recipe for output_dir (seq2seq_cli.recipe.load_recipe)."""
+        from seq2seq_cli.recipe import load_recipe
+        return load_recipe(self.recipe, self.overrides(output_dir, **extra))
 
     @property
     def last(self) -> Path:
@@ -80,9 +108,12 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> E2E:
 
     from seq2seq_cli.cli import app
 
+    data = e2e_write_corpus(tmp_path_factory.mktemp("e2e_data"))
     run_dir = tmp_path_factory.mktemp("e2e_run")
-    result = CliRunner().invoke(app, ["run", str(E2E_RECIPE), *E2E.set_args(run_dir), "--no-progress"])
+    e = E2E(E2E_RECIPE, run_dir, data, -1, "", "")
+    result = CliRunner().invoke(app, ["run", str(E2E_RECIPE), *e.set_args(run_dir), "--no-progress"])
     torch.set_num_threads(1)
     if result.exit_code != 0:
         raise RuntimeError(f"session run failed ({result.exit_code}): {result.output}\n{result.exception!r}")
-    return E2E(E2E_RECIPE, run_dir, result.exit_code, result.stdout, result.stderr)
+    e.run_exit_code, e.run_stdout, e.run_stderr = result.exit_code, result.stdout, result.stderr
+    return e

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "progress": {"recipe"},
     "score": {"recipe"},
     "data": {"recipe", "tokenizer"},
-    "textio": {"data"},
+    "textio": {"data", "tokenizer"},
     "search": {"penalties"},
     "checkpoint": {"recipe", "model", "tokenizer"},
     # train is imported lazily (inside a function): train imports translate at module level
@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
 # Modules allowed to import anything except the listed ones (module level and lazily).
 ANYTHING_EXCEPT: dict[str, set[str]] = {
     "train": {"cli", "pipeline"},
-    "launch": {"cli", "pipeline"},  # `translate train --nproc N` launcher (cli imports it lazily)
+    "launch": {"cli"},  # `translate train --nproc N` launcher: cli imports it lazily; it runs pipeline stages
     "pipeline": {"cli"},
     "cli": set(),
 }
@@ -97,7 +97,8 @@ def test_allowed_imports(module: str) -> None:
 
 def test_visitor_sees_lazy_and_aliased_imports() -> None:
     top, lazy = package_imports("train")
-    assert {"distributed", "checkpoint", "data", "model", "translate"} <= top  # incl. `from . import distributed`
+    # `from . import distributed` counts as importing the module distributed
+    assert {"distributed", "checkpoint", "data", "model", "translate"} <= top
     top, lazy = package_imports("translate")
     assert "train" in lazy and "train" not in top and "checkpoint" in top
     top, lazy = package_imports("cli")
@@ -123,7 +124,8 @@ def test_module_level_import_graph_is_acyclic() -> None:
 
 
 def test_lazy_imports_name_existing_modules() -> None:
-    missing = {(m, target) for m in MODULES for target in set.union(*package_imports(m)) if target not in MODULES}
+    missing = {(m, target) for m in MODULES for target in set.union(*package_imports(m))
+               if target not in MODULES}
     assert not missing, f"imports of modules that do not exist: {sorted(missing)}"
 
 

@@ -265,7 +265,8 @@ def test_dump_round_trip(path: Path) -> None:
 def test_dump_round_trip_non_default(tmp_path: Path) -> None:
     tree = with_(train={"betas": [0.8, 0.9], "schedule": "inverse_sqrt"}, decode={"beam": 1, "sample": True,
                                                                                   "n_best": 4},
-                 tokenizer={"user_defined_symbols": ["<x>"], "joint": False}, model={"share_embeddings": False})
+                 tokenizer={"user_defined_symbols": ["<x>"], "joint": False},
+                 model={"share_embeddings": False})
     r = load_recipe(write(tmp_path, tree))
     assert recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r
 
@@ -341,7 +342,8 @@ def test_check_data_files_lists_every_missing_file(tmp_path: Path) -> None:
               ("dev.es", "data.dev.tgt", "not found"), ("ref1", "data.dev.refs[0]", "not found"),
               ("test.tsv", "data.test.tsv", "not found")]
     for name, key, what in expect:
-        assert any(line.startswith(str(tmp_path / name)) and key in line and what in line for line in lines), key
+        assert any(line.startswith(str(tmp_path / name)) and key in line and what in line
+                   for line in lines), key
     assert not any("train.en" in line for line in lines)
 
 
@@ -350,3 +352,9 @@ def test_check_data_files_ok(tmp_path: Path) -> None:
         (tmp_path / name).write_text("x\n")
     r = load_recipe(write(tmp_path, {"output_dir": "o", "data": {"train": {"src": "a", "tgt": "b"}}}))
     assert check_data_files(r) is None
+
+
+def test_max_len_must_fit_max_positions() -> None:
+    msg = error_of(with_(data={"train": {"src": "a", "tgt": "b"}, "max_len": 2000},
+                         model={"max_positions": 1024}))
+    assert "data.max_len" in msg and "max_positions" in msg

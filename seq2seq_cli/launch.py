@@ -1,0 +1,51 @@
+"""`translate train --nproc N`: start N local training processes with torch's elastic launcher.
+
+Equivalent to `torchrun --nproc-per-node N -m seq2seq_cli train RECIPE`; each child runs the
+same recipe with RANK / WORLD_SIZE / LOCAL_RANK set by the launcher (see distributed.py).
+Public names: launch_local.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["launch_local"]
+
+log = logging.getLogger(__name__)
+
+
+def _child(recipe_path: str, overrides: list[str]) -> dict:
+    """One rank: load the recipe and train (the launcher sets the distributed environment)."""
+    from .pipeline import run_train
+    from .recipe import load_recipe
+    return run_train(load_recipe(recipe_path, overrides), progress=False)
+
+
+def launch_local(recipe_path: Path, overrides: Sequence[str], nproc: int) -> int:
+    """Run nproc ranks on this machine; returns the exit code (0 when every rank succeeded)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .pipeline import run_tokenizer
+    from .checkpoint import RunDir
+    from .recipe import load_recipe
+    from .tokenizer import Tokenizer
+
+    recipe = load_recipe(recipe_path, overrides)
+    try:  # the tokenizer is trained once, before the ranks start
+        Tokenizer.load(RunDir(recipe.output_dir).tokenizer)
+    except ValueError:
+        run_tokenizer(recipe)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"translate-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1)
+    try:
+        results = elastic_launch(config, _child)(str(recipe_path), list(overrides))
+    except ChildFailedError as exc:
+        first = next(iter(exc.failures.values()))
+        log.error("training rank %d failed (exit code %s); see its message above", first.local_rank, first.exitcode)
+        return 1
+    log.info("all %d ranks finished: %s", nproc, results.get(0))
+    return 0
