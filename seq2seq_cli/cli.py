@@ -122,7 +122,10 @@ def train(recipe: RecipeArg, set_: SetOpt = None,
         r = _load(recipe, set_)
         if nproc > 1:
             from .launch import launch_local
-            raise typer.Exit(launch_local(recipe, set_ or [], nproc))
+            code, result = launch_local(recipe, set_ or [], nproc)
+            if result is not None:
+                typer.echo(json.dumps(result))
+            raise typer.Exit(code)
         from .pipeline import run_train
         result = run_train(r, progress=progress)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -248,6 +251,78 @@ def average(checkpoints: Annotated[List[Path], typer.Argument(help="checkpoints 
         from .checkpoint import average_checkpoints, save_checkpoint
         save_checkpoint(output, average_checkpoints(checkpoints))
         typer.echo(str(output))
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"expected comma-separated numbers, got {text!r}")
+        return []
+
+
+@app.command()
+def tune(checkpoint: Annotated[Path, typer.Argument(help="checkpoint whose decode defaults to tune")],
+         beams: Annotated[str, typer.Option(help="beam sizes to try")] = "1,4,6",
+         alphas: Annotated[str, typer.Option(help="length-penalty alphas to try")] = "0.2,0.6,1.0",
+         betas: Annotated[str, typer.Option(help="coverage betas to try at the best beam/alpha")] = "0.1,0.2",
+         src: Annotated[Optional[Path], typer.Option(help="dev source (default: the recipe's dev set)")] = None,
+         ref: Annotated[Optional[Path], typer.Option(help="dev reference")] = None,
+         max_sentences: Annotated[int, typer.Option(min=0, help="use the first N dev lines (0 = all)")] = 500,
+         output: Annotated[Optional[Path], typer.Option("-o", "--output", help="write here instead of in place")] = None,
+         device: Annotated[str, typer.Option()] = "cpu", threads: Annotated[int, typer.Option(min=0)] = 0) -> None:
+    """Search beam size, length-penalty alpha and coverage beta on the dev set; store the best.
+
+    The winner becomes the checkpoint's decode default (used by `translate decode`).
+
+    Example: translate tune runs/bible-en-es/checkpoints/best.pt --beams 4,6 --alphas 0.6,1.0
+    """
+    _setup_logging()
+    with _user_errors():
+        from .tune import tune as run_tune
+        result = run_tune(checkpoint, [int(b) for b in _floats(beams)], _floats(alphas), _floats(betas), src, ref,
+                          max_sentences, output, device, threads)
+        typer.echo(json.dumps(result))
+
+
+@app.command()
+def bench(recipe: RecipeArg, set_: SetOpt = None,
+          checkpoint: Annotated[Optional[Path], typer.Option(help="model for the decoding part (default: best.pt)")] = None,
+          warmup: Annotated[int, typer.Option(min=0)] = 5, steps: Annotated[int, typer.Option(min=1)] = 30,
+          lines: Annotated[int, typer.Option(min=1, help="test lines to decode")] = 500,
+          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Measure training and decoding speed of the recipe's model on this machine.
+
+    Reports matmul peak (fp32/bf16), training tokens/s, FLOPs/token and MFU, greedy and beam-5
+    decoding speed, peak RSS of each part, and the time to the first stdin translation.
+
+    Example: translate bench recipes/bible-en-es.yaml --steps 50
+    """
+    with _user_errors():
+        from .bench import run_bench
+        result = run_bench(recipe, set_ or [], checkpoint, warmup, steps, lines)
+        if as_json:
+            typer.echo(json.dumps(result, indent=1))
+            return
+        from rich.console import Console
+        from rich.table import Table
+        table = Table(title=f"translate bench {recipe}")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        t, m = result["train"], result["matmul"]
+        rows = [("matmul fp32 / bf16 GFLOP/s", f"{m['fp32_gflops']:.0f} / {m['bf16_gflops']:.0f}"),
+                (f"train tokens/s ({t['precision']}, {t['threads']} threads)", f"{t['tokens_per_s']:.0f}"),
+                ("train MFLOP/token (split)", f"{t['flops_per_token'] / 1e6:.1f}"),
+                ("train model GFLOP/s, MFU", f"{t['model_gflops']:.0f}, {100 * t['mfu']:.0f}%"),
+                ("train peak RSS MiB", f"{t['peak_rss_mib']:.0f}")]
+        for d in result.get("decode", []):
+            rows.append((f"decode beam {d['beam']}: tgt tok/s, sent/s, RSS MiB",
+                         f"{d['tgt_tokens_per_s']:.0f}, {d['sent_per_s']:.1f}, {d['peak_rss_mib']:.0f}"))
+        if "startup_s" in result:
+            rows.append(("first stdin translation (s, start-up included)", f"{result['startup_s']:.2f}"))
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
 
 
 def main() -> None:

@@ -15,8 +15,9 @@ __all__ = ["TrainProgress"]
 class TrainProgress:
     """A live bar: step (of max_steps when set), epoch, loss, lr, tokens/s, elapsed and ETA."""
 
-    def __init__(self, cfg: TrainConfig, enabled: bool = True) -> None:
-        self.cfg, self.enabled = cfg, enabled
+    def __init__(self, cfg: TrainConfig, enabled: bool = True, lines: bool = True) -> None:
+        """enabled: draw the live bar; lines: print one line per log record where no bar is drawn."""
+        self.cfg, self.enabled, self.lines = cfg, enabled, lines
         self.console = Console(stderr=True)
         self.bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.fields[info]}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
@@ -34,7 +35,7 @@ class TrainProgress:
 
     def train_record(self, rec: dict) -> None:
         self.info = {"loss": f"{rec['loss']:.3f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-        if self.enabled and not self.console.is_terminal:  # no live bar in a log file: one line per record
+        if self.lines and (not self.enabled or not self.console.is_terminal):  # no live bar: one line per record
             self.console.print(f"step {rec['step']} epoch {rec['epoch']} loss {rec['loss']:.4f} ppl {rec['ppl']:.2f} "
                                f"lr {rec['lr']:.3e} tok/s {rec['tokens_per_s']:.0f}")
 

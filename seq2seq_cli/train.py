@@ -273,7 +273,7 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
             if _in_main_thread() else {}
         try:
-            with TrainProgress(self.cfg, enabled=self.progress) as bar:
+            with TrainProgress(self.cfg, enabled=self.progress, lines=self.main) as bar:
                 reason = self._loop(bar)
         finally:
             for s, h in old.items():

@@ -1,0 +1,157 @@
+"""`translate bench RECIPE`: training and decoding speed of the recipe's model on this machine.
+
+Each part runs in its own child process so that its peak RSS is its own:
+  matmul   2048^3 torch.mm, fp32 and bf16: the machine's practical GEMM peak (GFLOP/s);
+  train    tokens/s (source + target subword tokens, non-pad) over `steps` updates after `warmup`;
+           model FLOPs per token = 6 x parameters touched (split: a source token passes the
+           encoder, a target token the decoder and the softmax; embeddings are lookups) and
+           MFU = tokens/s x FLOPs/token / matmul peak of the training precision;
+  decode   greedy and beam-5 target tokens/s and sentences/s on the first `lines` test lines;
+  startup  wall time from process start to the first translated line through stdin.
+Public names: run_bench, bench_part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["run_bench", "bench_part"]
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _matmul(n: int = 2048, reps: int = 10) -> dict[str, float]:
+    import torch
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_gflops"] = 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e9
+    return out
+
+
+def _flops_per_token(model, src_share: float) -> dict[str, float]:
+    """6 x parameters touched per token: encoder for source tokens, decoder + softmax for target."""
+    enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder") or n.startswith("enc_norm"))
+    dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder") or n.startswith("dec_norm"))
+    softmax = model.output.weight.numel()
+    per_src, per_tgt = 6 * enc, 6 * (dec + softmax)
+    return {"flops_per_src_token": per_src, "flops_per_tgt_token": per_tgt,
+            "flops_per_token": src_share * per_src + (1 - src_share) * per_tgt}
+
+
+def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
+    import torch
+
+    from .pipeline import run_tokenizer
+    from .recipe import load_recipe
+    from .train import Trainer
+
+    work = Path(tempfile.mkdtemp(prefix="translate-bench-"))
+    recipe = load_recipe(recipe_path, [*overrides, f"output_dir={work}"])
+    source = load_recipe(recipe_path, overrides).output_dir / "tokenizer"
+    if source.is_dir():
+        shutil.copytree(source, work / "tokenizer")
+    else:
+        run_tokenizer(recipe)
+    trainer = Trainer(recipe, progress=False)
+    groups = trainer._epoch_groups()
+    for g in groups[:warmup]:
+        trainer._update(g)
+    n_src = n_tgt = 0
+    t0 = time.perf_counter()
+    for g in groups[warmup: warmup + steps]:
+        _, _, tgt, src = trainer._update(g)
+        n_src, n_tgt = n_src + src, n_tgt + tgt
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(work, ignore_errors=True)
+    ran = len(groups[warmup: warmup + steps])
+    if ran == 0:
+        raise RuntimeError(f"an epoch has only {len(groups)} updates: lower --warmup or train.batch_tokens")
+    flops = _flops_per_token(trainer.model, n_src / max(1, n_src + n_tgt))
+    tps = (n_src + n_tgt) / elapsed
+    return {"precision": recipe.train.precision, "threads": torch.get_num_threads(), "steps": ran,
+            "tokens_per_step": (n_src + n_tgt) / ran, "tokens_per_s": tps, "s_per_step": elapsed / ran,
+            **flops, "model_gflops": tps * flops["flops_per_token"] / 1e9, "peak_rss_mib": _rss_mib()}
+
+
+def _decode_part(checkpoint: str, src: str, lines: int, beam: int) -> dict[str, Any]:
+    import torch
+
+    from .translate import Translator
+    translator = Translator([Path(checkpoint)], "cpu", 0)
+    text = Path(src).read_text(encoding="utf-8").splitlines()[:lines]
+    opts = translator.options(beam=beam, n_best=1, sample=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        hyps = translator.translate_window(text, opts, int(translator.decode_defaults.get("batch_tokens", 4096)))
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
+    return {"beam": beam, "sentences": len(text), "target_tokens": tokens, "seconds": elapsed,
+            "sent_per_s": len(text) / elapsed, "tgt_tokens_per_s": tokens / elapsed, "peak_rss_mib": _rss_mib()}
+
+
+def bench_part(part: str, args: list[str]) -> dict[str, Any]:
+    """Run one part in this process (called in the child)."""
+    if part == "matmul":
+        return {**_matmul(), "peak_rss_mib": _rss_mib()}
+    if part == "train":
+        return _train_part(args[0], json.loads(args[1]), int(args[2]), int(args[3]))
+    return _decode_part(args[0], args[1], int(args[2]), int(args[3]))
+
+
+def _child(part: str, *args: str) -> dict[str, Any]:
+    code = ("import json,sys; from seq2seq_cli.bench import bench_part; "
+            "print(json.dumps(bench_part(sys.argv[1], sys.argv[2:])))")
+    out = subprocess.run([sys.executable, "-c", code, part, *args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench part {part} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _startup(checkpoint: str, line: str) -> float:
+    """Seconds from spawning `translate decode CKPT` to reading its first translated line."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "seq2seq_cli", "decode", checkpoint, "--beam", "5"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    proc.stdout.readline()
+    elapsed = time.perf_counter() - t0
+    proc.stdin.close()
+    proc.wait()
+    return elapsed
+
+
+def run_bench(recipe_path: Path, overrides: list[str], checkpoint: Optional[Path], warmup: int, steps: int,
+              lines: int) -> dict[str, Any]:
+    """All parts; decoding needs a trained checkpoint (default: the recipe's best.pt)."""
+    from .recipe import load_recipe
+    recipe = load_recipe(recipe_path, overrides)
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    result["matmul"] = _child("matmul")
+    result["train"] = _child("train", str(recipe_path), json.dumps(overrides), str(warmup), str(steps))
+    peak = result["matmul"][f"{'bf16' if result['train']['precision'] == 'bf16' else 'fp32'}_gflops"]
+    result["train"]["mfu"] = result["train"]["model_gflops"] / peak
+    ckpt = checkpoint or recipe.output_dir / "checkpoints" / "best.pt"
+    if ckpt.exists() and recipe.data.test is not None and recipe.data.test.src is not None:
+        result["decode"] = [_child("decode", str(ckpt), str(recipe.data.test.src), str(lines), str(b)) for b in (1, 5)]
+        result["startup_s"] = _startup(str(ckpt), "In the beginning God created the heavens and the earth.")
+    return result
