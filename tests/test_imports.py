@@ -34,12 +34,14 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoint": {"recipe", "model", "tokenizer"},
     # train is imported lazily (inside a function): train imports translate at module level
     "translate": {"checkpoint", "data", "search", "tokenizer", "textio"},
+    "tune": {"checkpoint", "data", "score", "translate"},
 }
 # Modules allowed to import anything except the listed ones (module level and lazily).
 ANYTHING_EXCEPT: dict[str, set[str]] = {
     "train": {"cli", "pipeline"},
     "launch": {"cli"},  # `translate train --nproc N` launcher: cli imports it lazily; it runs pipeline stages
     "pipeline": {"cli"},
+    "bench": {"cli"},  # `translate bench`: drives tokenizer, trainer and translator in child processes
     "cli": set(),
 }
 # Extra package modules a module may import inside functions only.
