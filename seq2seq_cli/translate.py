@@ -105,7 +105,8 @@ class Translator:
         return SearchOptions.from_config(_Namespace(values))
 
     def encode(self, line: str, line_no: int) -> list[int]:
-        ids = self.tokenizer.encode_src(clean_line(line))
+        """Source ids (+EOS) of an already cleaned line, truncated to the model's limit."""
+        ids = self.tokenizer.encode_src(line)
         if len(ids) > self.max_src:
             self.stats.truncated += 1
             self.stats.truncated_lines.append(line_no)
@@ -117,10 +118,11 @@ class Translator:
                          first_line_no: int = 1,
                          on_batch: Optional[Callable[[int, int], None]] = None) -> list[list[Hypothesis]]:
         """Translate a list of lines; empty ones give an empty hypothesis list."""
-        todo = [i for i, x in enumerate(lines) if clean_line(x)]
+        cleaned = [clean_line(x) for x in lines]
+        todo = [i for i, x in enumerate(cleaned) if x]
         self.stats.lines += len(lines)
         self.stats.empty += len(lines) - len(todo)
-        ids = [self.encode(lines[i], first_line_no + i) for i in todo]
+        ids = [self.encode(cleaned[i], first_line_no + i) for i in todo]
         hyps = translate_ids(self.model, ids, opts, batch_tokens, self.device, self.tokenizer.pad_id, on_batch)
         out: list[list[Hypothesis]] = [[] for _ in lines]
         for i, h in zip(todo, hyps):

@@ -117,3 +117,16 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> E2E:
         raise RuntimeError(f"session run failed ({result.exit_code}): {result.output}\n{result.exception!r}")
     e.run_exit_code, e.run_stdout, e.run_stderr = result.exit_code, result.stdout, result.stderr
     return e
+
+
+def interrupt_and_wait(proc, timeout: float, what: str) -> str:
+    """Send SIGINT to a subprocess started with text pipes; return its stderr (fail on a hang)."""
+    import signal
+    import subprocess
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{what} did not stop after SIGINT")
+    return err

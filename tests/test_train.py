@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interrupt_and_wait
 import torch
 
 from seq2seq_cli.checkpoint import load_checkpoint, load_model, step_checkpoints
@@ -189,12 +190,7 @@ def test_sigint_saves_exits_130_and_rerun_continues(e2e, tmp_path: Path) -> None
     common = dict(train__log_every=1, train__valid_every=100000)
     proc = _spawn_train(e2e, tmp_path, train__max_steps=100000, **common)
     _wait_for(proc, lambda: len(_records(tmp_path, "train")) >= 2)
-    proc.send_signal(signal.SIGINT)
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("training did not stop after SIGINT")
+    err = interrupt_and_wait(proc, 60, "training")
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert "interrupted" in err

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interrupt_and_wait
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -284,12 +285,7 @@ def test_sigint_during_decode_leaves_no_output_file(e2e, tmp_path: Path) -> None
         time.sleep(0.02)
     time.sleep(0.5)
     assert proc.poll() is None, "decode finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("decode did not stop on SIGINT")
+    stderr = interrupt_and_wait(proc, 30, "decode")
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert not out.exists()
