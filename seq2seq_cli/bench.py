@@ -6,7 +6,8 @@ Each part runs in its own child process so that its peak RSS is its own:
            model FLOPs per token = 6 x parameters touched (split: a source token passes the
            encoder, a target token the decoder and the softmax; embeddings are lookups) and
            MFU = tokens/s x FLOPs/token / matmul peak of the training precision;
-  decode   greedy and beam-5 target tokens/s and sentences/s on the first `lines` test lines;
+  decode   greedy and beam-5 target tokens/s, sentences/s and BLEU/chrF on the first `lines` test
+           lines, beam 5 also in bf16 and int8;
   startup  wall time from process start to the first translated line through stdin.
 Public names: run_bench, bench_part.
 """
@@ -24,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["run_bench", "bench_part"]
+__all__ = ["run_bench", "bench_part", "DECODE_RUNS"]
+
+DECODE_RUNS = ((1, "fp32"), (5, "fp32"), (5, "bf16"), (5, "int8"))  # (beam, precision)
 
 
 def _rss_mib() -> float:
@@ -91,11 +94,12 @@ def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int)
             **flops, "model_gflops": tps * flops["flops_per_token"] / 1e9, "peak_rss_mib": _rss_mib()}
 
 
-def _decode_part(checkpoint: str, src: str, lines: int, beam: int) -> dict[str, Any]:
+def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, precision: str) -> dict[str, Any]:
     import torch
 
+    from .score import corpus_scores
     from .translate import Translator
-    translator = Translator([Path(checkpoint)], "cpu", 0)
+    translator = Translator([Path(checkpoint)], "cpu", 0, precision)
     text = Path(src).read_text(encoding="utf-8").splitlines()[:lines]
     opts = translator.options(beam=beam, n_best=1, sample=False)
     t0 = time.perf_counter()
@@ -103,8 +107,14 @@ def _decode_part(checkpoint: str, src: str, lines: int, beam: int) -> dict[str, 
         hyps = translator.translate_window(text, opts, int(translator.decode_defaults.get("batch_tokens", 4096)))
     elapsed = time.perf_counter() - t0
     tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
-    return {"beam": beam, "sentences": len(text), "target_tokens": tokens, "seconds": elapsed,
-            "sent_per_s": len(text) / elapsed, "tgt_tokens_per_s": tokens / elapsed, "peak_rss_mib": _rss_mib()}
+    out = {"beam": beam, "precision": precision, "sentences": len(text), "target_tokens": tokens,
+           "seconds": elapsed, "sent_per_s": len(text) / elapsed, "tgt_tokens_per_s": tokens / elapsed,
+           "peak_rss_mib": _rss_mib()}
+    if ref:
+        refs = Path(ref).read_text(encoding="utf-8").splitlines()[:lines]
+        system = [translator.detok(h[0]) if h else "" for h in hyps]
+        out.update({k: m.score for k, m in zip(("bleu", "chrf"), corpus_scores(system, [refs], ("bleu", "chrf")))})
+    return out
 
 
 def bench_part(part: str, args: list[str]) -> dict[str, Any]:
@@ -113,7 +123,7 @@ def bench_part(part: str, args: list[str]) -> dict[str, Any]:
         return {**_matmul(), "peak_rss_mib": _rss_mib()}
     if part == "train":
         return _train_part(args[0], json.loads(args[1]), int(args[2]), int(args[3]))
-    return _decode_part(args[0], args[1], int(args[2]), int(args[3]))
+    return _decode_part(args[0], args[1], args[2], int(args[3]), int(args[4]), args[5])
 
 
 def _child(part: str, *args: str) -> dict[str, Any]:
@@ -152,6 +162,8 @@ def run_bench(recipe_path: Path, overrides: list[str], checkpoint: Optional[Path
     result["train"]["mfu"] = result["train"]["model_gflops"] / peak
     ckpt = checkpoint or recipe.output_dir / "checkpoints" / "best.pt"
     if ckpt.exists() and recipe.data.test is not None and recipe.data.test.src is not None:
-        result["decode"] = [_child("decode", str(ckpt), str(recipe.data.test.src), str(lines), str(b)) for b in (1, 5)]
+        ref = str(recipe.data.test.tgt or "")
+        result["decode"] = [_child("decode", str(ckpt), str(recipe.data.test.src), ref, str(lines), str(b), p)
+                            for b, p in DECODE_RUNS]
         result["startup_s"] = _startup(str(ckpt), "In the beginning God created the heavens and the earth.")
     return result

@@ -154,6 +154,7 @@ def decode(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all cores)")] = 0,
     encoding_errors: Annotated[str, typer.Option(help="strict: non-UTF-8 input is an error; replace: U+FFFD")] = "strict",
+    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast) or int8 (quantised linear layers, CPU)")] = None,
 ) -> None:
     """Translate a file, or stdin line by line, with a trained checkpoint.
 
@@ -170,7 +171,8 @@ def decode(
         overrides = dict(beam=beam, alpha=alpha, beta=beta, length_penalty=length_penalty, n_best=n_best,
                          sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
                          max_len_a=max_len_a, max_len_b=max_len_b)
-        run_decode(checkpoints, input, output, overrides, batch_tokens, stream, device, threads, encoding_errors)
+        run_decode(checkpoints, input, output, overrides, batch_tokens, stream, device, threads, encoding_errors,
+                   precision)
 
 
 @app.command()
@@ -316,8 +318,9 @@ def bench(recipe: RecipeArg, set_: SetOpt = None,
                 ("train model GFLOP/s, MFU", f"{t['model_gflops']:.0f}, {100 * t['mfu']:.0f}%"),
                 ("train peak RSS MiB", f"{t['peak_rss_mib']:.0f}")]
         for d in result.get("decode", []):
-            rows.append((f"decode beam {d['beam']}: tgt tok/s, sent/s, RSS MiB",
-                         f"{d['tgt_tokens_per_s']:.0f}, {d['sent_per_s']:.1f}, {d['peak_rss_mib']:.0f}"))
+            bleu = f", BLEU {d['bleu']:.2f}" if "bleu" in d else ""
+            rows.append((f"decode beam {d['beam']} {d['precision']}: tgt tok/s, sent/s, RSS MiB{', BLEU' if bleu else ''}",
+                         f"{d['tgt_tokens_per_s']:.0f}, {d['sent_per_s']:.1f}, {d['peak_rss_mib']:.0f}{bleu}"))
         if "startup_s" in result:
             rows.append(("first stdin translation (s, start-up included)", f"{result['startup_s']:.2f}"))
         for row in rows:

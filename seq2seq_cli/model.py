@@ -72,7 +72,9 @@ class MultiHeadAttention(nn.Module):
         qh = self.split_heads(self.q_proj(q))  # (B, H, T, Dh)
         p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights:
+        if need_weights or (not self.training and t <= 16):
+            # explicit softmax(QK^T/sqrt(d))V: also the fast path for the few queries of a decoding
+            # step, where the fused kernel's set-up costs more than the work (measured 1.5-2.5x)
             scores = qh @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, H, T, S)
             if causal:
                 s = k.size(-2)
@@ -81,7 +83,7 @@ class MultiHeadAttention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.float().softmax(-1).nan_to_num(0.0).to(qh.dtype)  # all-masked rows → 0
-            weights = probs.mean(dim=1)  # (B, T, S), heads averaged
+            weights = probs.mean(dim=1) if need_weights else None  # (B, T, S), heads averaged
             ctx = F.dropout(probs, p, self.training) @ v
         else:
             if causal and k.size(-2) != t:  # new positions after a cache: align the causal mask bottom-right
@@ -151,41 +153,84 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(d, cfg.ff_dim, cfg.activation, cfg.activation_dropout)
         self.sub1, self.sub2, self.sub3 = _Sublayer(d, p, pre), _Sublayer(d, p, pre), _Sublayer(d, p, pre)
 
-    def forward(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor,
-                self_kv: Optional[tuple[Tensor, Tensor]] = None, need_weights: bool = False
-                ) -> tuple[Tensor, tuple[Tensor, Tensor], Optional[Tensor]]:
-        """x (B, T, D). With self_kv (a cache) x holds only the new positions. Returns the new self K/V."""
+    def forward(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor) -> Tensor:
+        """Teacher forcing: x (B, T, D) attends causally to itself, then to the source."""
         h = self.sub1.inp(x)
         k, v = self.self_attn.keys_values(h)
-        if self_kv is not None:
-            k, v = torch.cat([self_kv[0], k], dim=2), torch.cat([self_kv[1], v], dim=2)
-        causal = x.size(1) > 1  # a single new position may see every cached one
-        x = self.sub1.out(x, self.self_attn.attend(h, k, v, causal=causal)[0])
-        ctx, weights = self.cross_attn.attend(self.sub2.inp(x), *cross_kv, mask=src_mask,
-                                              need_weights=need_weights)
-        x = self.sub2.out(x, ctx)
-        return self.sub3.out(x, self.ffn(self.sub3.inp(x))), (k, v), weights
+        x = self.sub1.out(x, self.self_attn.attend(h, k, v, causal=x.size(1) > 1)[0])
+        return self._cross_and_ffn(x, cross_kv, src_mask, False, 1)[0]
+
+    def step(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor,
+             cache: Optional[tuple[Tensor, Tensor]], need_weights: bool = False, group: int = 1
+             ) -> tuple[Tensor, tuple[Tensor, Tensor], Optional[Tensor]]:
+        """One new position per row: x (N, 1, D); the cache holds the earlier positions' self-attention
+        keys/values (N, H, T, Dh) and comes back with this one appended (concatenation measured as
+        fast as preallocated buffers here). Returns (output, cache, head-averaged cross-attention)."""
+        h = self.sub1.inp(x)
+        k, v = self.self_attn.keys_values(h)  # (N, H, 1, Dh)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        x = self.sub1.out(x, self.self_attn.attend(h, k, v)[0])
+        x, weights = self._cross_and_ffn(x, cross_kv, src_mask, need_weights, group)
+        return x, (k, v), weights
+
+    def _cross_and_ffn(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor, need_weights: bool,
+                       group: int) -> tuple[Tensor, Optional[Tensor]]:
+        """cross_kv and src_mask have B / group rows: each serves `group` consecutive rows of x, whose
+        queries are attended together as one (group * T)-long query sequence."""
+        b, t, d = x.shape
+        q = self.sub2.inp(x).reshape(b // group, group * t, d)
+        ctx, weights = self.cross_attn.attend(q, *cross_kv, mask=src_mask, need_weights=need_weights)
+        if weights is not None:
+            weights = weights.reshape(b, t, -1)
+        x = self.sub2.out(x, ctx.reshape(b, t, d))
+        return self.sub3.out(x, self.ffn(self.sub3.inp(x))), weights
 
 
 @dataclass
 class DecoderState:
     """What incremental decoding carries between steps, one row per hypothesis.
 
-    cross_kv[l]: keys/values of layer l's cross-attention, (N, H, S, Dh), computed once;
-    self_kv[l]: cached self-attention keys/values, (N, H, T, Dh), grown by one per step;
-    src_mask: (N, S) True at real source tokens; step: number of target positions consumed.
+    cross_kv[l]: keys/values of layer l's cross-attention, (A, H, S, Dh), computed once per
+        source and shared by its `group` consecutive rows (beam search: group = beam size), so
+        rows = A * group and beam reordering never copies them;
+    memory_mask: (A, S) True at real source tokens;
+    self_kv[l]: cached self-attention keys/values, (rows, H, T, Dh), grown by one per step;
+    step: number of target positions consumed.
     """
 
     cross_kv: list[tuple[Tensor, Tensor]]
-    src_mask: Tensor
+    memory_mask: Tensor
     self_kv: list[Optional[tuple[Tensor, Tensor]]] = field(default_factory=list)
     step: int = 0
+    group: int = 1
+
+    @property
+    def src_mask(self) -> Tensor:
+        """(rows, S): each row's source mask."""
+        return self.memory_mask if self.group == 1 else self.memory_mask.repeat_interleave(self.group, 0)
 
     def select(self, index: Tensor) -> "DecoderState":
-        """Rows `index` of every tensor (reorder after beam back-pointers, or expand to beams)."""
-        pick = lambda kv: None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
-        return DecoderState([pick(kv) for kv in self.cross_kv], self.src_mask.index_select(0, index),
-                            [pick(kv) for kv in self.self_kv], self.step)
+        """Rows `index` of the state (reorder after beam back-pointers, expand to beams, drop rows).
+
+        The self-attention caches are copied row by row. The cross-attention K/V stay shared when
+        the selected rows come in equal runs of one source each, in increasing source order (what
+        beam search and greedy search produce); they are only subset when sources drop out, and
+        expanded to one copy per row otherwise.
+        """
+        pick = lambda kv, i: (kv[0].index_select(0, i), kv[1].index_select(0, i))  # noqa: E731
+        self_kv = [None if kv is None else pick(kv, index) for kv in self.self_kv]
+        sources = torch.div(index, self.group, rounding_mode="floor")  # (rows',)
+        used, counts = torch.unique_consecutive(sources, return_counts=True)
+        group = int(counts[0]) if counts.numel() else 1
+        shared = bool((counts == group).all()) and (used.numel() < 2 or bool((used[1:] > used[:-1]).all()))
+        if not shared:
+            used, group = sources, 1
+        if used.numel() == self.memory_mask.size(0) and bool((used == torch.arange(used.numel(), device=used.device)).all()):
+            cross, mask = self.cross_kv, self.memory_mask  # the same sources: nothing to copy
+        else:
+            cross, mask = [pick(kv, used) for kv in self.cross_kv], self.memory_mask.index_select(0, used)
+        return DecoderState(cross, mask, self_kv, self.step, group)
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -254,7 +299,7 @@ class Seq2SeqTransformer(nn.Module):
         state = self.start_from(memory, src_mask)
         x = self._embed(self.tgt_embed, tgt_in)
         for layer, kv in zip(self.decoder, state.cross_kv):
-            x = layer(x, kv, src_mask[:, None, None, :])[0]
+            x = layer(x, kv, src_mask[:, None, None, :])
         x = self.dec_norm(x)
         return self.output(x[keep] if keep is not None else x)
 
@@ -273,12 +318,12 @@ class Seq2SeqTransformer(nn.Module):
         if state.step >= self.cfg.max_positions:
             raise ValueError(f"target longer than max_positions ({self.cfg.max_positions})")
         x = self._embed(self.tgt_embed, tokens[:, None], offset=state.step)  # (N, 1, D)
-        mask = state.src_mask[:, None, None, :]
+        mask = state.memory_mask[:, None, None, :]
         weights = None
         last = len(self.decoder) - 1
         for i, layer in enumerate(self.decoder):
-            x, state.self_kv[i], w = layer(x, state.cross_kv[i], mask, state.self_kv[i],
-                                           need_weights=need_attention and i == last)
+            x, state.self_kv[i], w = layer.step(x, state.cross_kv[i], mask, state.self_kv[i],
+                                                need_attention and i == last, state.group)
             if w is not None:
                 weights = w[:, 0, :].float()
         state.step += 1

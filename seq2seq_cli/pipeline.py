@@ -98,8 +98,10 @@ def run_decode_test(recipe: Recipe) -> dict[str, Any]:
     src = recipe.output_dir / "test.src"
     src.write_text("".join(x + "\n" for x in read_split(test, keep_blank=True).src), encoding="utf-8")
     ckpt = best_checkpoint(recipe)
-    stats = run_decode([ckpt], str(src), str(out), {}, None, False, recipe.train.device, recipe.train.threads,
-                       recipe.data.encoding_errors)
+    # the recipe's decode section is the truth here (it may have changed since training)
+    search = recipe.decode.model_dump(exclude={"batch_tokens", "precision"})
+    stats = run_decode([ckpt], str(src), str(out), search, recipe.decode.batch_tokens, False, recipe.train.device,
+                       recipe.train.threads, recipe.data.encoding_errors, recipe.decode.precision)
     return {"checkpoint": str(ckpt), "hypotheses": str(out), "lines": stats.lines}
 
 

@@ -152,7 +152,11 @@ class DecodeConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
     seed: int = 0
+    stop_early: bool = Field(True, description="a sentence is done once it has `beam` finished hypotheses "
+                                               "(fairseq); false: only when no open one can still win")
     batch_tokens: int = Field(4096, ge=16)
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="fp32; bf16 autocast; int8 = dynamically quantised linear layers (CPU)")
 
     @model_validator(mode="after")
     def _n_best_fits(self) -> "DecodeConfig":

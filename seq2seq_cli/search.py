@@ -80,6 +80,7 @@ class SearchOptions:
     top_p: float = 1.0
     temperature: float = 1.0
     seed: int = 0
+    stop_early: bool = True
 
     @classmethod
     def from_config(cls, obj: Any, **overrides: Any) -> "SearchOptions":
@@ -123,9 +124,9 @@ def _ban_repeats(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
 
 def _constrain(log_probs: Tensor, history: Tensor, max_len: Tensor, opts: SearchOptions,
                model: Seq2SeqDecoder) -> Tensor:
-    """Apply the generation rules at step t = history.size(1) to a copy of log_probs (N, V):
+    """Apply the generation rules at step t = history.size(1) to log_probs (N, V), in place:
     no PAD/BOS; no EOS while t < min_len; no repeated n-gram; only EOS once t >= max_len (N,)."""
-    log_probs, t, eos = log_probs.clone(), history.size(1), model.eos_id
+    t, eos = history.size(1), model.eos_id
     eos_log_prob = log_probs[:, eos].clone()  # (N,)
     for tok in {model.pad_id, model.bos_id} - {eos}:
         log_probs[:, tok] = NEG_INF
@@ -308,20 +309,24 @@ def _advance(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], k: int, eos: in
 
 
 def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: SearchOptions) -> _Beams:
-    """Remove sentences that are done: past max_len, no live beam, or no open beam can still
-    enter their n-best list.
+    """Remove sentences that are done: past max_len, no live beam, `beam` finished hypotheses
+    (with stop_early, fairseq's rule), or no open beam can still enter their n-best list.
 
     Bound (sound for any alpha and beta >= 0): an open beam with raw score s <= 0 and t tokens
     finishes with |Y| in [t+1, max_len+1] and a raw score <= s; lp is monotone in |Y| and cp <= 0,
-    so its final score is <= s / max(lp(t+1), lp(max_len+1)).
+    so its final score is <= s / max(lp(t+1), lp(max_len+1)). With alpha > 0 this bound rarely
+    fires before max_len, which is why stop_early is the default.
     """
     a, k, t = beams.sent.numel(), opts.beam, beams.history.size(1)
     best_open = beams.scores.view(a, k).max(1).values  # (A,)
     lp = lambda n: length_penalty(n, opts.alpha, opts.length_penalty)  # noqa: E731
     bound = best_open / torch.maximum(lp(torch.full_like(best_open, t + 1)), lp(beams.max_len + 1))
+    sent = beams.sent.tolist()
     nth = [sorted((h.score for h in finished[s]), reverse=True)[opts.n_best - 1]
-           if len(finished[s]) >= opts.n_best else NEG_INF for s in beams.sent.tolist()]
+           if len(finished[s]) >= opts.n_best else NEG_INF for s in sent]
     done = (beams.max_len < t) | best_open.eq(NEG_INF) | (bound <= torch.tensor(nth, device=bound.device))
+    if opts.stop_early:
+        done |= torch.tensor([len(finished[s]) >= k for s in sent], device=done.device)
     if not bool(done.any()):
         return beams
     keep = (~done).nonzero().squeeze(1)  # (A',)

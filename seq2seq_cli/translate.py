@@ -6,12 +6,18 @@ lines give empty translations without touching the model; lines longer than the 
 position limit are truncated and counted. Streaming mode translates each line as soon as it
 arrives.
 
-This room does not train. Public names: Translator, batch_by_tokens, translate_ids.
+Precision: fp32; bf16 (autocast: matmuls in bf16, softmax/norms and the search in fp32); int8
+(every nn.Linear replaced by a dynamically quantised one: int8 weights per tensor, activations
+quantised per batch on the fly, int32 accumulation; CPU only). Embeddings stay fp32.
+
+This room does not train. Public names: Translator, batch_by_tokens, translate_ids, set_precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -23,7 +29,9 @@ from .data import DataError, clean_line
 from .search import Ensemble, Hypothesis, SearchOptions, search
 from .tokenizer import Tokenizer
 
-__all__ = ["Translator", "batch_by_tokens", "translate_ids", "TranslateStats"]
+__all__ = ["Translator", "batch_by_tokens", "translate_ids", "TranslateStats", "set_precision", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16", "int8")
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,20 @@ def batch_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]
     if cur:
         batches.append(cur)
     return batches
+
+
+def set_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy)."""
+    if precision not in PRECISIONS:
+        raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "int8":
+        return model
+    if device.type != "cpu":
+        raise DataError("int8 decoding runs on the CPU only: use --device cpu, or --precision bf16 on a GPU")
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def translate_ids(model, src_ids: Sequence[list[int]], opts: SearchOptions, batch_tokens: int,
@@ -82,7 +104,8 @@ class TranslateStats:
 class Translator:
     """Load one checkpoint (or an ensemble) and translate raw text lines."""
 
-    def __init__(self, paths: Sequence[Path], device: str = "cpu", threads: int = 0) -> None:
+    def __init__(self, paths: Sequence[Path], device: str = "cpu", threads: int = 0,
+                 precision: Optional[str] = None) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -92,12 +115,19 @@ class Translator:
         for c, (_, tok) in zip(ckpts[1:], loaded[1:]):
             if tok.to_state() != self.tokenizer.to_state():
                 raise CheckpointError(f"{c.path}: an ensemble needs one tokenizer; this checkpoint has another")
-        models = [m for m, _ in loaded]
-        self.model = models[0] if len(models) == 1 else Ensemble(models)
         self.recipe = ckpts[0].recipe
         self.decode_defaults = ckpts[0].state.get("decode") or self.recipe.decode.model_dump()
+        self.precision = precision or self.decode_defaults.get("precision", "fp32")
+        models = [set_precision(m, self.precision, self.device) for m, _ in loaded]
+        self.model = models[0] if len(models) == 1 else Ensemble(models)
         self.max_src = min(m.cfg.max_positions for m in models) - 1
         self.stats = TranslateStats()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when asked for, else nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def options(self, **overrides) -> SearchOptions:
         """Search options: the checkpoint's decode defaults, then non-None overrides."""
@@ -123,7 +153,8 @@ class Translator:
         self.stats.lines += len(lines)
         self.stats.empty += len(lines) - len(todo)
         ids = [self.encode(cleaned[i], first_line_no + i) for i in todo]
-        hyps = translate_ids(self.model, ids, opts, batch_tokens, self.device, self.tokenizer.pad_id, on_batch)
+        with self.autocast():
+            hyps = translate_ids(self.model, ids, opts, batch_tokens, self.device, self.tokenizer.pad_id, on_batch)
         out: list[list[Hypothesis]] = [[] for _ in lines]
         for i, h in zip(todo, hyps):
             out[i] = h
@@ -165,7 +196,8 @@ def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int
 
 
 def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, batch_tokens: Optional[int],
-               stream: bool, device: str, threads: int, encoding_errors: str) -> TranslateStats:
+               stream: bool, device: str, threads: int, encoding_errors: str,
+               precision: Optional[str] = None) -> TranslateStats:
     """The `translate decode` workflow: read lines, translate in order, write atomically, report."""
     import sys
     import time
@@ -177,7 +209,9 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
         raise DataError(f"--encoding-errors must be strict or replace, not {encoding_errors!r}")
     if overrides.get("length_penalty") not in (None, "gnmt", "power"):
         raise DataError(f"--length-penalty must be gnmt or power, not {overrides['length_penalty']!r}")
-    translator = Translator(paths, str(pick_device(device)), threads)
+    if precision is not None and precision not in PRECISIONS:
+        raise DataError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    translator = Translator(paths, str(pick_device(device)), threads, precision)
     opts = translator.options(**overrides)
     if opts.n_best > opts.beam and not opts.sample:
         raise DataError(f"--n-best ({opts.n_best}) must not exceed --beam ({opts.beam})")

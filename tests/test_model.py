@@ -345,11 +345,39 @@ def test_state_select_before_first_step() -> None:
     with torch.no_grad():
         state = model.start(src).select(beams)
         assert all(kv is None for kv in state.self_kv)
-        assert state.cross_kv[0][0].shape[0] == 6
+        assert state.cross_kv[0][0].shape[0] == 3 and state.group == 2  # K/V shared by each sentence's rows
+        assert torch.equal(state.src_mask, src.ne(PAD)[beams])
         out = [model.step(tgt[beams, t], state)[0] for t in range(3)]
         full = model(src, tgt).log_softmax(-1)[beams]
     for t in range(3):
         assert torch.allclose(out[t], full[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("index, shared", [
+    ([1, 0, 5, 4], True),   # reorder within sentences, drop sentence 1: K/V subset, still shared
+    ([1, 0, 3, 2, 5, 4], True),  # every sentence, reordered within: K/V not even copied
+    ([4, 1, 0], False),     # decreasing sources: falls back to one K/V copy per row
+    ([0, 0, 1, 2, 4], False),  # unequal runs per source: falls back too
+])
+def test_state_select_keeps_cross_kv_shared_when_it_can(index: list[int], shared: bool) -> None:
+    """After expanding to 2 beams and two steps, any selection decodes like a full forward pass
+    over the selected rows; the cross-attention K/V are shared whenever the rows allow it."""
+    model = make_model(seed=11)
+    src, tgt = random_batch(11, tgt_len=4)
+    beams = torch.arange(3).repeat_interleave(2)
+    rows = beams[torch.tensor(index)]  # the sentence behind each selected row
+    with torch.no_grad():
+        state = model.start(src).select(beams)
+        for t in range(2):
+            model.step(tgt[beams, t], state)
+        picked = state.select(torch.tensor(index))
+        assert (picked.group > 1) == shared
+        assert picked.cross_kv[0][0].shape[0] * picked.group == len(index)
+        assert torch.equal(picked.src_mask, src.ne(PAD)[rows])
+        out = [model.step(tgt[rows, t], picked)[0] for t in (2, 3)]
+        full = model(src[rows], tgt[rows]).log_softmax(-1)
+    for i, t in enumerate((2, 3)):
+        assert torch.allclose(out[i], full[:, t], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ learning

@@ -79,7 +79,8 @@ SRC3 = torch.tensor([[7, 7, 7]])
 
 
 def opts(**kw) -> SearchOptions:
-    base = dict(beam=2, alpha=0.0, beta=0.0, max_len_a=0.0, max_len_b=10)
+    """Exact stopping unless a test asks otherwise: the fake-model tests check search optimality."""
+    base = dict(beam=2, alpha=0.0, beta=0.0, max_len_a=0.0, max_len_b=10, stop_early=False)
     return SearchOptions(**{**base, **kw})
 
 
@@ -120,6 +121,18 @@ def test_early_stop_when_no_open_beam_can_win():
     beam_search(model, SRC3, opts(beam=2, max_len_b=10))
     # step 0 (A, B open), step 1 (B EOS = 0.36 finishes; best open A A = 0.24 < 0.36): stop
     assert model.calls == 2
+
+
+def test_stop_early_ends_a_sentence_at_beam_finished_hypotheses():
+    # SHORT_OR_LONG with alpha = 2 prefers the long [A, A]; with beam 2 the short [] (step 0) and
+    # [A] (step 1) finish first, so fairseq's rule stops after two steps and misses [A, A]
+    exact_model, early_model = FakeModel(SHORT_OR_LONG), FakeModel(SHORT_OR_LONG)
+    exact = beam_search(exact_model, SRC3, opts(beam=2, alpha=2.0))[0][0]
+    early = beam_search(early_model, SRC3, opts(beam=2, n_best=2, alpha=2.0, stop_early=True))[0]
+    assert exact.tokens == [A, A] and exact_model.calls == 3
+    assert early_model.calls == 2 and sorted(h.tokens for h in early) == [[], [A]]
+    # both rank what they found by the same penalised score
+    assert early[0].score == max(h.score for h in early)
 
 
 @pytest.mark.parametrize("table", [GREEDY_TRAP, SHORT_OR_LONG, EOS_SECOND, {}])

@@ -151,10 +151,11 @@ def test_bench_json_reports_every_part(e2e) -> None:
     hand = _flops_per_token(model, 0.5)
     assert (t["flops_per_src_token"], t["flops_per_tgt_token"]) == (hand["flops_per_src_token"],
                                                                     hand["flops_per_tgt_token"])
-    decode = {d["beam"]: d for d in r["decode"]}
-    assert set(decode) == {1, 5}
+    decode = {(d["beam"], d["precision"]): d for d in r["decode"]}
+    assert set(decode) == {(1, "fp32"), (5, "fp32"), (5, "bf16"), (5, "int8")}
     for d in decode.values():
         assert d["sentences"] == 5 and d["sent_per_s"] > 0 and d["tgt_tokens_per_s"] > 0 and d["target_tokens"] >= 5
+        assert 0 <= d["bleu"] <= 100 and 0 <= d["chrf"] <= 100  # scored against the first 5 references
     assert r["startup_s"] > 0
     assert r["machine"]["cpus"] >= 1
 
