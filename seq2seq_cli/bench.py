@@ -7,7 +7,7 @@ Each part runs in its own child process so that its peak RSS is its own:
            encoder, a target token the decoder and the softmax; embeddings are lookups) and
            MFU = tokens/s x FLOPs/token / matmul peak of the training precision;
   decode   greedy and beam-5 target tokens/s, sentences/s and BLEU/chrF on the first `lines` test
-           lines, beam 5 also in bf16 and int8;
+           lines with the recipe's decode.batch_tokens, beam 5 in fp32, bf16 and int8;
   startup  wall time from process start to the first translated line through stdin.
 Public names: run_bench, bench_part.
 """
@@ -94,7 +94,8 @@ def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int)
             **flops, "model_gflops": tps * flops["flops_per_token"] / 1e9, "peak_rss_mib": _rss_mib()}
 
 
-def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, precision: str) -> dict[str, Any]:
+def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, precision: str,
+                 batch_tokens: int) -> dict[str, Any]:
     import torch
 
     from .score import corpus_scores
@@ -104,7 +105,7 @@ def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, pre
     opts = translator.options(beam=beam, n_best=1, sample=False)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        hyps = translator.translate_window(text, opts, int(translator.decode_defaults.get("batch_tokens", 4096)))
+        hyps = translator.translate_window(text, opts, batch_tokens)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
     out = {"beam": beam, "precision": precision, "sentences": len(text), "target_tokens": tokens,
@@ -123,7 +124,7 @@ def bench_part(part: str, args: list[str]) -> dict[str, Any]:
         return {**_matmul(), "peak_rss_mib": _rss_mib()}
     if part == "train":
         return _train_part(args[0], json.loads(args[1]), int(args[2]), int(args[3]))
-    return _decode_part(args[0], args[1], args[2], int(args[3]), int(args[4]), args[5])
+    return _decode_part(args[0], args[1], args[2], int(args[3]), int(args[4]), args[5], int(args[6]))
 
 
 def _child(part: str, *args: str) -> dict[str, Any]:
@@ -163,7 +164,7 @@ def run_bench(recipe_path: Path, overrides: list[str], checkpoint: Optional[Path
     ckpt = checkpoint or recipe.output_dir / "checkpoints" / "best.pt"
     if ckpt.exists() and recipe.data.test is not None and recipe.data.test.src is not None:
         ref = str(recipe.data.test.tgt or "")
-        result["decode"] = [_child("decode", str(ckpt), str(recipe.data.test.src), ref, str(lines), str(b), p)
-                            for b, p in DECODE_RUNS]
+        result["decode"] = [_child("decode", str(ckpt), str(recipe.data.test.src), ref, str(lines), str(b), p,
+                                   str(recipe.decode.batch_tokens)) for b, p in DECODE_RUNS]
         result["startup_s"] = _startup(str(ckpt), "In the beginning God created the heavens and the earth.")
     return result

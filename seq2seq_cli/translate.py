@@ -56,6 +56,13 @@ def set_precision(model: torch.nn.Module, precision: str, device: torch.device) 
     """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy)."""
     if precision not in PRECISIONS:
         raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "bf16":
+        # autocast would cast every weight at every call: cast the matmul weights once instead
+        # (LayerNorm keeps fp32; autocast still runs norms, softmax and the residual stream in fp32)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.to(torch.bfloat16)
+        return model
     if precision != "int8":
         return model
     if device.type != "cpu":
