@@ -290,3 +290,33 @@ def test_sigint_during_decode_leaves_no_output_file(e2e, tmp_path: Path) -> None
     assert "Traceback" not in stderr
     assert not out.exists()
     assert list(out_dir.iterdir()) == [], "a partial output file was left behind"
+
+
+# ------------------------------------------------------------------------------------ precision
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_decoding_stays_close_to_fp32(e2e, translator, tmp_path: Path, precision: str) -> None:
+    """The bf16/int8 model's next-token distribution stays close to fp32's, and decoding through
+    the CLI still gives one line per input line."""
+    import torch
+    low = Translator([e2e.last], "cpu", threads=1, precision=precision)
+    if precision == "int8":
+        assert any("quantized" in type(m).__module__ for m in low.model.modules())
+    ids = [translator.encode(clean_line(x), 1) for x in LINES[:3]]
+    width = max(map(len, ids))
+    src = torch.tensor([x + [translator.tokenizer.pad_id] * (width - len(x)) for x in ids])
+    tokens = torch.tensor([translator.tokenizer.bos_id] * 3)
+    with torch.inference_mode(), low.autocast():
+        lp_low, _ = low.model.step(tokens, low.model.start(src))
+    with torch.inference_mode():
+        lp_ref, _ = translator.model.step(tokens, translator.model.start(src))
+    probs_low, probs_ref = lp_low.exp(), lp_ref.exp()
+    assert (probs_low - probs_ref).abs().sum(-1).max().item() < 0.1  # total variation < 0.05
+    out = _decode(e2e.last, "--precision", precision, "-i", str(_write(tmp_path / "in.txt", LINES)))
+    assert out.exit_code == 0 and len(_out_lines(out.stdout)) == len(LINES)
+
+
+def test_unknown_precision_is_a_one_line_error(e2e, tmp_path: Path) -> None:
+    out = _decode(e2e.last, "--precision", "fp8", "-i", str(_write(tmp_path / "in.txt", ["one two"])))
+    assert out.exit_code == 2
+    assert "--precision must be one of fp32, bf16, int8" in out.stderr and "Traceback" not in out.stderr
