@@ -270,7 +270,7 @@ def test_broken_pipe_exits_quietly(e2e, tmp_path: Path) -> None:
 
 
 def test_sigint_during_decode_leaves_no_output_file(e2e, tmp_path: Path) -> None:
-    lines = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(25)) for i in range(3000)]
+    lines = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(25)) for i in range(30000)]  # minutes of work
     src = _write(tmp_path / "in.txt", lines)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
