@@ -20,6 +20,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -130,6 +131,11 @@ class Translator:
         self.max_src = min(m.cfg.max_positions for m in models) - 1
         self.stats = TranslateStats()
 
+    @property
+    def batch_tokens(self) -> int:
+        """The decode batch budget stored in the checkpoint."""
+        return int(self.decode_defaults.get("batch_tokens", 4096))
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when asked for, else nothing."""
         if self.precision == "bf16":
@@ -139,7 +145,7 @@ class Translator:
     def options(self, **overrides) -> SearchOptions:
         """Search options: the checkpoint's decode defaults, then non-None overrides."""
         values = {**self.decode_defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        return SearchOptions.from_config(_Namespace(values))
+        return SearchOptions.from_config(SimpleNamespace(**values))
 
     def encode(self, line: str, line_no: int) -> list[int]:
         """Source ids (+EOS) of an already cleaned line, truncated to the model's limit."""
@@ -188,11 +194,6 @@ class Translator:
             yield from self.translate_window(buf, opts, batch_tokens, line_no, on_batch)
 
 
-class _Namespace:
-    def __init__(self, values: dict) -> None:
-        self.__dict__.update(values)
-
-
 def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int, n_best: int) -> list[str]:
     """1-best: the detokenised text (empty for an empty input line); n-best: 'index<TAB>score<TAB>text' rows."""
     if n_best <= 1:
@@ -222,7 +223,7 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
     opts = translator.options(**overrides)
     if opts.n_best > opts.beam and not opts.sample:
         raise DataError(f"--n-best ({opts.n_best}) must not exceed --beam ({opts.beam})")
-    budget = batch_tokens or int(translator.decode_defaults.get("batch_tokens", 4096))
+    budget = batch_tokens or translator.batch_tokens
     counts: dict = {}
     from_stdin = input == "-"
     if from_stdin:

@@ -58,7 +58,7 @@ def tune(path: Path, beams: Sequence[int], alphas: Sequence[float], betas: Seque
     """Grid-search decode settings on dev; write the best into the checkpoint (or `output`)."""
     translator = Translator([path], device, threads)
     lines, refs = _dev_text(translator, src, ref, max_sentences)
-    budget = int(translator.decode_defaults.get("batch_tokens", 4096))
+    budget = translator.batch_tokens
     trials: list[dict[str, Any]] = []
 
     def trial(beam: int, alpha: float, beta: float) -> None:
