@@ -144,6 +144,36 @@ class EncoderLayer(nn.Module):
         return self.sub2.out(x, self.ffn(self.sub2.inp(x)))
 
 
+CACHE_BLOCK = 16
+
+
+def cache_capacity(pos: int) -> int:
+    """Slots of a self-attention cache that holds positions 0..pos: the next multiple of CACHE_BLOCK."""
+    return (pos // CACHE_BLOCK + 1) * CACHE_BLOCK
+
+
+def _cache_write(cache: Optional[tuple[Tensor, Tensor]], k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+    """Store k, v (N, H, 1, Dh) at slot `pos` of the cache buffers, growing them (zero-filled) to
+    cache_capacity(pos) when full.
+
+    Why buffers and not torch.cat: concatenation copies the whole cache at every step, and its
+    length changes at every step, so each step's attention matmuls have a shape never seen
+    before (oneDNN builds a kernel per new shape in bf16). Blocked capacity writes one slot per
+    step and repeats shapes; the masked slots cost a few zero multiplications.
+    """
+    cap = cache_capacity(pos)
+    if cache is None or cache[0].size(2) < cap:
+        n, h, _, d = k.shape
+        grown = (k.new_zeros(n, h, cap, d), v.new_zeros(n, h, cap, d))
+        if cache is not None:
+            for new, old in zip(grown, cache):
+                new[:, :, : old.size(2)] = old
+        cache = grown
+    cache[0][:, :, pos] = k[:, :, 0]
+    cache[1][:, :, pos] = v[:, :, 0]
+    return cache
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -161,18 +191,19 @@ class DecoderLayer(nn.Module):
         return self._cross_and_ffn(x, cross_kv, src_mask, False, 1)[0]
 
     def step(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor,
-             cache: Optional[tuple[Tensor, Tensor]], need_weights: bool = False, group: int = 1
+             cache: Optional[tuple[Tensor, Tensor]], pos: int, need_weights: bool = False, group: int = 1
              ) -> tuple[Tensor, tuple[Tensor, Tensor], Optional[Tensor]]:
-        """One new position per row: x (N, 1, D); the cache holds the earlier positions' self-attention
-        keys/values (N, H, T, Dh) and comes back with this one appended (concatenation measured as
-        fast as preallocated buffers here). Returns (output, cache, head-averaged cross-attention)."""
+        """One new position `pos` per row: x (N, 1, D). The cache holds the self-attention keys/values
+        of positions 0..pos-1 in zero-filled buffers (N, H, C, Dh) of capacity C = cache_capacity(pos);
+        this position is written in place and the slots after it are masked. Returns (output, cache,
+        head-averaged cross-attention)."""
         h = self.sub1.inp(x)
         k, v = self.self_attn.keys_values(h)  # (N, H, 1, Dh)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        x = self.sub1.out(x, self.self_attn.attend(h, k, v)[0])
+        cache = _cache_write(cache, k, v, pos)
+        visible = torch.arange(cache[0].size(2), device=x.device) <= pos  # (C,)
+        x = self.sub1.out(x, self.self_attn.attend(h, *cache, mask=visible)[0])
         x, weights = self._cross_and_ffn(x, cross_kv, src_mask, need_weights, group)
-        return x, (k, v), weights
+        return x, cache, weights
 
     def _cross_and_ffn(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor, need_weights: bool,
                        group: int) -> tuple[Tensor, Optional[Tensor]]:
@@ -195,7 +226,8 @@ class DecoderState:
         source and shared by its `group` consecutive rows (beam search: group = beam size), so
         rows = A * group and beam reordering never copies them;
     memory_mask: (A, S) True at real source tokens;
-    self_kv[l]: cached self-attention keys/values, (rows, H, T, Dh), grown by one per step;
+    self_kv[l]: cached self-attention keys/values, (rows, H, C, Dh) buffers holding positions
+        0..step-1 (capacity C grows in blocks, see _cache_write);
     step: number of target positions consumed.
     """
 
@@ -322,7 +354,7 @@ class Seq2SeqTransformer(nn.Module):
         weights = None
         last = len(self.decoder) - 1
         for i, layer in enumerate(self.decoder):
-            x, state.self_kv[i], w = layer.step(x, state.cross_kv[i], mask, state.self_kv[i],
+            x, state.self_kv[i], w = layer.step(x, state.cross_kv[i], mask, state.self_kv[i], state.step,
                                                 need_attention and i == last, state.group)
             if w is not None:
                 weights = w[:, 0, :].float()
@@ -332,6 +364,20 @@ class Seq2SeqTransformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, src_vocab: int, tgt_vocab: int, pad_id: int, bos_id: int,
-                eos_id: int) -> Seq2SeqTransformer:
-    """The one constructor used by training, checkpoint loading and tests."""
-    return Seq2SeqTransformer(cfg, src_vocab, tgt_vocab, pad_id, bos_id, eos_id)
+                eos_id: int, weights: Optional[dict[str, Tensor]] = None) -> Seq2SeqTransformer:
+    """The one constructor used by training, checkpoint loading and tests.
+
+    With `weights` (a state dict), the model is built on the meta device and the stored tensors are
+    assigned to it (strict): no random initialisation that would be overwritten at once, which
+    is a tenth of a second of `translate decode`'s start-up. Raises RuntimeError on a mismatch.
+    """
+    if weights is None:
+        return Seq2SeqTransformer(cfg, src_vocab, tgt_vocab, pad_id, bos_id, eos_id)
+    with torch.device("meta"):
+        model = Seq2SeqTransformer(cfg, src_vocab, tgt_vocab, pad_id, bos_id, eos_id)
+    model.load_state_dict(weights, strict=True, assign=True)
+    if cfg.tie_output:  # assign replaced both parameters: tie them again
+        model.output.weight = model.tgt_embed.weight
+    if model.pos_embed is None:  # the one buffer that is not stored
+        model.pos_table = sinusoidal_positions(cfg.max_positions, cfg.d_model).to(model.tgt_embed.weight.device)
+    return model

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from seq2seq_cli.loss import label_smoothed_nll
-from seq2seq_cli.model import (DecoderState, MultiHeadAttention, Seq2SeqTransformer, build_model,
-                               sinusoidal_positions)
+from seq2seq_cli.model import (CACHE_BLOCK, DecoderState, MultiHeadAttention, Seq2SeqTransformer, build_model,
+                               cache_capacity, sinusoidal_positions)
 from seq2seq_cli.recipe import ModelConfig
 from seq2seq_cli.search import SearchOptions, greedy_search
 
@@ -231,13 +231,39 @@ def test_incremental_decoding_matches_full_forward(norm: str, positions: str, sh
             assert log_probs.dtype == torch.float32 and log_probs.shape == (3, V)
             assert torch.allclose(log_probs, full[:, t], atol=1e-5), t
             assert state.step == t + 1
-            assert all(kv[0].shape == (3, 4, t + 1, 4) for kv in state.self_kv)
+            cap = cache_capacity(t)
+            assert all(kv[0].shape == (3, 4, cap, 4) and kv[0][:, :, t + 1:].abs().max() == 0
+                       and kv[1][:, :, t].abs().min() > 0 for kv in state.self_kv)
             if t % 2 == 0:
                 assert attn.shape == (3, 7)
                 assert torch.allclose(attn.sum(-1), torch.ones(3), atol=1e-5)
                 assert attn[1, 4:].abs().max().item() == 0.0 and attn[2, 2:].abs().max().item() == 0.0
             else:
                 assert attn is None
+
+
+def test_cache_capacity_grows_in_blocks() -> None:
+    assert [cache_capacity(p) for p in (0, CACHE_BLOCK - 1, CACHE_BLOCK, 2 * CACHE_BLOCK + 3)] == \
+        [CACHE_BLOCK, CACHE_BLOCK, 2 * CACHE_BLOCK, 3 * CACHE_BLOCK]
+
+
+def test_incremental_decoding_across_cache_blocks_with_reordering() -> None:
+    """Targets longer than two cache blocks, rows reordered (beam back-pointers) after every step:
+    each step's log-probs equal the full forward pass of the reordered prefixes."""
+    length = 2 * CACHE_BLOCK + 5
+    model = make_model(seed=7, max_positions=length + 1)
+    src, tgt = random_batch(9, tgt_len=length)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        state = model.start(src)
+        prefix = tgt[:, :0]
+        for t in range(length):
+            log_probs, _ = model.step(tgt[:, t], state)
+            prefix = torch.cat([prefix, tgt[:, t:t + 1]], 1)
+            full = model(src, prefix).log_softmax(-1)[:, -1]
+            assert torch.allclose(log_probs, full, atol=1e-5), t
+            order = torch.randint(0, 3, (3,), generator=g)
+            state, prefix, src, tgt = state.select(order), prefix[order], src[order], tgt[order]
 
 
 def test_step_refuses_beyond_max_positions() -> None:
