@@ -155,6 +155,8 @@ def decode(
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all cores)")] = 0,
     encoding_errors: Annotated[str, typer.Option(help="strict: non-UTF-8 input is an error; replace: U+FFFD")] = "strict",
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast) or int8 (quantised linear layers, CPU)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once, one thread each "
+                                                              "(0 = one per CPU thread, at most 4)")] = None,
 ) -> None:
     """Translate a file, or stdin line by line, with a trained checkpoint.
 
@@ -172,7 +174,7 @@ def decode(
                          sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
                          max_len_a=max_len_a, max_len_b=max_len_b)
         run_decode(checkpoints, input, output, overrides, batch_tokens, stream, device, threads, encoding_errors,
-                   precision)
+                   precision, workers)
 
 
 @app.command()

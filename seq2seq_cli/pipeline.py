@@ -99,9 +99,10 @@ def run_decode_test(recipe: Recipe) -> dict[str, Any]:
     src.write_text("".join(x + "\n" for x in read_split(test, keep_blank=True).src), encoding="utf-8")
     ckpt = best_checkpoint(recipe)
     # the recipe's decode section is the truth here (it may have changed since training)
-    search = recipe.decode.model_dump(exclude={"batch_tokens", "precision"})
+    search = recipe.decode.model_dump(exclude={"batch_tokens", "precision", "workers"})
     stats = run_decode([ckpt], str(src), str(out), search, recipe.decode.batch_tokens, False, recipe.train.device,
-                       recipe.train.threads, recipe.data.encoding_errors, recipe.decode.precision)
+                       recipe.train.threads, recipe.data.encoding_errors, recipe.decode.precision,
+                       recipe.decode.workers)
     return {"checkpoint": str(ckpt), "hypotheses": str(out), "lines": stats.lines}
 
 

@@ -155,6 +155,8 @@ class DecodeConfig(_Strict):
     stop_early: bool = Field(True, description="a sentence is done once it has `beam` finished hypotheses "
                                                "(fairseq); false: only when no open one can still win")
     batch_tokens: int = Field(4096, ge=16)
+    workers: int = Field(0, ge=0, description="batches searched at once, one thread each, sharing the CPU threads "
+                                              "(0 = one per thread, at most 4); speed only")
     precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32", description="fp32; bf16 autocast; int8 = dynamically quantised linear layers (CPU)")
 

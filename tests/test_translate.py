@@ -113,6 +113,31 @@ def test_output_does_not_depend_on_batching(e2e, tmp_path: Path, beam: str) -> N
     assert len(_out_lines(small.stdout)) == 40
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_output_does_not_depend_on_workers(e2e, tmp_path: Path, precision: str) -> None:
+    """Batches searched in parallel threads give the same lines, in input order, as one at a time;
+    bf16 checks that autocast is entered in every worker thread (else the bf16 weights would
+    meet fp32 activations and fail)."""
+    lines = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(1 + i % 11)) for i in range(60)]
+    src = _write(tmp_path / "in.txt", lines)
+    args = ["-i", str(src), "--beam", "3", "--batch-tokens", "40", "--precision", precision, "--threads", "2"]
+    one, three = _decode(e2e.last, *args, "--workers", "1"), _decode(e2e.last, *args, "--workers", "3")
+    assert one.exit_code == 0 and three.exit_code == 0, three.output
+    assert _out_lines(one.stdout) == _out_lines(three.stdout) and len(_out_lines(one.stdout)) == 60
+
+
+def test_workers_share_the_threads_and_restore_them(e2e) -> None:
+    import torch
+    before = torch.get_num_threads()
+    tr = Translator([e2e.last], "cpu", threads=2, precision="fp32", workers=2)
+    seen: list[tuple[int, int]] = []
+    lines = [" ".join(WORDS[: 1 + i % 7]) for i in range(20)]
+    hyps = tr.translate_window(lines, tr.options(beam=2), 24, on_batch=lambda n, t: seen.append((n, t)))
+    assert len(hyps) == 20 and sum(n for n, _ in seen) == 20 and len(seen) > 2
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(before)
+
+
 def test_ensemble_of_the_same_checkpoint_equals_the_single_checkpoint(e2e, tmp_path: Path) -> None:
     src = _write(tmp_path / "in.txt", LINES + [""])
     single = _decode(e2e.last, "-i", str(src))
