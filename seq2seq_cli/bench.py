@@ -108,7 +108,8 @@ def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, pre
         hyps = translator.translate_window(text, opts, batch_tokens)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
-    out = {"beam": beam, "precision": precision, "sentences": len(text), "target_tokens": tokens,
+    out = {"beam": beam, "precision": precision, "workers": translator.workers, "sentences": len(text),
+           "target_tokens": tokens,
            "seconds": elapsed, "sent_per_s": len(text) / elapsed, "tgt_tokens_per_s": tokens / elapsed,
            "peak_rss_mib": _rss_mib()}
     if ref:

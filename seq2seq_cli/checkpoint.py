@@ -129,9 +129,10 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[Se
         got = None if emb is None else emb.size(0)
         raise CheckpointError(f"{ckpt.path}: tokenizer vocabulary ({tok.tgt_vocab_size}) does not match "
                               f"the model's embedding ({got})")
+    model = build_model(ckpt.recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id, tok.bos_id,
+                        tok.eos_id)
     try:
-        model = build_model(ckpt.recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id, tok.bos_id,
-                            tok.eos_id, weights)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{ckpt.path}: weights do not fit the stored model shape "
                               f"({str(exc).splitlines()[0][:160]})") from None

@@ -364,20 +364,6 @@ class Seq2SeqTransformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, src_vocab: int, tgt_vocab: int, pad_id: int, bos_id: int,
-                eos_id: int, weights: Optional[dict[str, Tensor]] = None) -> Seq2SeqTransformer:
-    """The one constructor used by training, checkpoint loading and tests.
-
-    With `weights` (a state dict), the model is built on the meta device and the stored tensors are
-    assigned to it (strict): no random initialisation that would be overwritten at once, which
-    is a tenth of a second of `translate decode`'s start-up. Raises RuntimeError on a mismatch.
-    """
-    if weights is None:
-        return Seq2SeqTransformer(cfg, src_vocab, tgt_vocab, pad_id, bos_id, eos_id)
-    with torch.device("meta"):
-        model = Seq2SeqTransformer(cfg, src_vocab, tgt_vocab, pad_id, bos_id, eos_id)
-    model.load_state_dict(weights, strict=True, assign=True)
-    if cfg.tie_output:  # assign replaced both parameters: tie them again
-        model.output.weight = model.tgt_embed.weight
-    if model.pos_embed is None:  # the one buffer that is not stored
-        model.pos_table = sinusoidal_positions(cfg.max_positions, cfg.d_model).to(model.tgt_embed.weight.device)
-    return model
+                eos_id: int) -> Seq2SeqTransformer:
+    """The one constructor used by training, checkpoint loading and tests."""
+    return Seq2SeqTransformer(cfg, src_vocab, tgt_vocab, pad_id, bos_id, eos_id)
