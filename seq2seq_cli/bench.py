@@ -96,16 +96,13 @@ def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int)
 
 def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, precision: str,
                  batch_tokens: int) -> dict[str, Any]:
-    import torch
-
     from .score import corpus_scores
     from .translate import Translator
     translator = Translator([Path(checkpoint)], "cpu", 0, precision)
     text = Path(src).read_text(encoding="utf-8").splitlines()[:lines]
     opts = translator.options(beam=beam, n_best=1, sample=False)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        hyps = translator.translate_window(text, opts, batch_tokens)
+    hyps = translator.translate_window(text, opts, batch_tokens)  # inference mode is entered per batch there
     elapsed = time.perf_counter() - t0
     tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
     out = {"beam": beam, "precision": precision, "workers": translator.workers, "sentences": len(text),

@@ -166,7 +166,7 @@ class Translator:
     def auto_workers(device: torch.device) -> int:
         """Batches searched at once when not set: one per CPU thread, at most 4 (one on a GPU).
 
-        Measured (2-core CPU, beam 5): two batches with one thread each decode 1.1-1.3x faster
+        Measured (2-core CPU, beam 5): two batches with one thread each decode 1.1-1.4x faster
         than one batch with two threads, since the small matmuls of a decoding step do not split
         well across threads. Each worker holds one batch in memory.
         """
