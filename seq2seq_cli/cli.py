@@ -331,8 +331,29 @@ def bench(recipe: RecipeArg, set_: SetOpt = None,
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Once a command that imported torch has finished, the interpreter's own teardown (releasing
+    torch's ~1,200 modules and their objects) would add ~0.4 s to every invocation. By then the
+    command has closed its files (outputs and checkpoints are written atomically) and only
+    buffered stdio and log handlers remain: those are flushed, then the process exits at once
+    with the command's status. Exceptions that escape a command still take the normal path.
+    """
+    try:
+        app()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if "torch" not in sys.modules:
+        raise SystemExit(code)
+    if code is not None and not isinstance(code, int):
+        sys.stderr.write(f"{code}\n")
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

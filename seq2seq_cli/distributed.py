@@ -5,7 +5,7 @@ sets; NCCL on GPUs, gloo on CPU; collectives carry a timeout so a dead rank brin
 down with an error instead of a hang. With WORLD_SIZE unset or 1 every function is a cheap no-op.
 
 Public names: DistContext, init_from_env, wrap, maybe_no_sync, all_reduce_sum, all_reduce_list,
-max_across, broadcast_flag, barrier, shutdown.
+max_across, broadcast_flag, barrier, shutdown, pick_device.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from torch import nn
 
 __all__ = ["DistContext", "init_from_env", "wrap", "maybe_no_sync", "all_reduce_sum", "all_reduce_list",
-           "max_across", "broadcast_flag", "barrier", "shutdown"]
+           "max_across", "broadcast_flag", "barrier", "shutdown", "pick_device"]
 
 TIMEOUT_MINUTES = float(os.environ.get("TRANSLATE_DIST_TIMEOUT_MIN", "30"))
 
@@ -105,3 +105,12 @@ def barrier(ctx: DistContext) -> None:
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' → cuda:LOCAL_RANK when CUDA is present, else cpu."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)

@@ -76,15 +76,6 @@ class _Position:
     bad_validations: int = 0
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' → cuda:LOCAL_RANK when CUDA is present, else cpu."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda" and torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
-
-
 class Trainer:
     """Holds the model, optimizer and data of one run; `run()` trains until a budget ends."""
 
@@ -92,7 +83,7 @@ class Trainer:
         self.recipe, self.cfg = recipe, recipe.train
         self.ctx = dist.init_from_env()
         self.main = self.ctx.rank == 0
-        self.device = pick_device(self.cfg.device, self.ctx.local_rank)
+        self.device = dist.pick_device(self.cfg.device, self.ctx.local_rank)
         threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // self.ctx.local_world)
         torch.set_num_threads(threads)
         self.run_dir = RunDir(recipe.output_dir)

@@ -143,7 +143,7 @@ class Translator:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        ckpts = [load_checkpoint(p) for p in paths]
+        ckpts = [load_checkpoint(p, mmap=True) for p in paths]
         loaded = [load_model(c, self.device) for c in ckpts]
         self.tokenizer: Tokenizer = loaded[0][1]
         for c, (_, tok) in zip(ckpts[1:], loaded[1:]):
@@ -252,7 +252,7 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
     import time
 
     from .textio import AtomicOutput, file_chunks, stdin_chunks
-    from .train import pick_device
+    from .distributed import pick_device
 
     if encoding_errors not in ("strict", "replace"):
         raise DataError(f"--encoding-errors must be strict or replace, not {encoding_errors!r}")

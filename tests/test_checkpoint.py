@@ -94,17 +94,19 @@ def test_unknown_format_version_is_refused_naming_it(e2e, tmp_path: Path) -> Non
     assert str(path) in str(info.value)
 
 
-def test_truncated_checkpoint_is_a_checkpoint_error(e2e, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mmap", [False, True])
+def test_truncated_checkpoint_is_a_checkpoint_error(e2e, tmp_path: Path, mmap: bool) -> None:
     data = e2e.last.read_bytes()
     path = tmp_path / "half.pt"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
+        load_checkpoint(path, mmap=mmap)
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("mmap", [False, True])
 @pytest.mark.parametrize("kind", ["text", "list", "dict_without_model", "empty"])
-def test_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path, kind: str) -> None:
+def test_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path, kind: str, mmap: bool) -> None:
     path = tmp_path / f"{kind}.pt"
     if kind == "text":
         path.write_text("In the beginning God created the heavens and the earth.\n", encoding="utf-8")
@@ -115,7 +117,7 @@ def test_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path, kind: str) -> 
     else:
         path.write_bytes(b"")
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
+        load_checkpoint(path, mmap=mmap)
     assert str(path) in str(info.value)
 
 

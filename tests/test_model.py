@@ -318,6 +318,24 @@ def test_weight_tying_and_shared_embeddings() -> None:
     assert not torch.equal(before, tied.tgt_embed.weight)
 
 
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+def test_build_without_init_draws_no_random_numbers_and_loads_exactly(positions: str) -> None:
+    """init=False (checkpoint loading) skips every random fill, leaves the RNG where it was, and
+    after a strict load the model computes exactly what the initialised one does."""
+    ref = make_model(seed=3, positions=positions)
+    torch.manual_seed(11)
+    bare = build_model(small_cfg(positions=positions), V, V, pad_id=PAD, bos_id=BOS, eos_id=EOS, init=False)
+    after = torch.rand(4)
+    torch.manual_seed(11)
+    assert torch.equal(after, torch.rand(4))  # no random number was drawn while building
+    bare.load_state_dict(ref.state_dict(), strict=True)
+    src, tgt = random_batch(5)
+    assert torch.equal(bare.eval()(src, tgt), ref(src, tgt))
+    # the skipping mode is gone afterwards: a normal build is still random and reproducible
+    assert not torch.equal(make_model(seed=4).output.weight, make_model(seed=5).output.weight)
+    assert torch.equal(make_model(seed=3, positions=positions).output.weight, ref.output.weight)
+
+
 def test_share_embeddings_needs_joint_vocab() -> None:
     with pytest.raises(ValueError, match="joint"):
         make_model(share_embeddings=True, src_vocab=V + 1)

@@ -246,6 +246,24 @@ def test_stdin_pipe(e2e, translator) -> None:
     assert _out_lines(proc.stdout) == _expected(translator, ["one two three", "", "old king"])
 
 
+def test_quick_exit_keeps_the_output_whole_and_the_exit_status(e2e, translator, tmp_path: Path) -> None:
+    """`main` leaves through os._exit (no interpreter teardown): stdout to a pipe, block-buffered
+    (no PYTHONUNBUFFERED), must still arrive whole, and a user error must still exit 2."""
+    env = {k: v for k, v in e2e.env().items() if k != "PYTHONUNBUFFERED"}
+    lines = [f"{w} {v}" for w in WORDS[:12] for v in WORDS[:25]]  # 300 lines, ~4 KiB of output or more
+    proc = subprocess.run([*e2e.cli(), "decode", str(e2e.last), "--threads", "1", "--beam", "1"],
+                          input="\n".join(lines) + "\n", capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = _out_lines(proc.stdout)
+    assert len(got) == len(lines)
+    opts = translator.options(beam=1)
+    for line, out in zip(lines[-3:], got[-3:]):
+        assert out == translator.detok(translator.translate_window([line], opts, 4096)[0][0])
+    bad = subprocess.run([*e2e.cli(), "decode", str(tmp_path / "missing.pt")], input="x\n", capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     fd, buf, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
     while not buf.endswith(b"\n"):
