@@ -85,18 +85,18 @@ class MultiHeadAttention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.float().softmax(-1).nan_to_num(0.0).to(qh.dtype)  # all-masked rows → 0
             weights = probs.mean(dim=1) if need_weights else None  # (B, T, S), heads averaged
-            ctx = F.dropout(probs, p, self.training) @ v
+            ctx = (F.dropout(probs, p, self.training) @ v).to(qh.dtype)  # autocast may have made it bf16
         else:
             if causal and k.size(-2) != t:  # new positions after a cache: align the causal mask bottom-right
                 s = k.size(-2)
                 tri = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
                 mask, causal = (tri if mask is None else mask & tri), False
-            if qh.device.type == "cpu" and qh.dtype == torch.bfloat16:
+            if qh.device.type == "cpu" and (qh.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
                 # The CPU flash-attention kernel is several times slower in bf16 than in fp32
                 # (measured: backward 6x); the matmuls around it keep their bf16 speed-up.
                 with torch.autocast("cpu", enabled=False):
                     ctx = F.scaled_dot_product_attention(qh.float(), k.float(), v.float(), attn_mask=mask,
-                                                         dropout_p=p, is_causal=causal).to(torch.bfloat16)
+                                                         dropout_p=p, is_causal=causal).to(qh.dtype)
             else:
                 ctx = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
@@ -153,9 +153,16 @@ def cache_capacity(pos: int) -> int:
     return (pos // CACHE_BLOCK + 1) * CACHE_BLOCK
 
 
+def stored_dtype(x: Tensor) -> torch.dtype:
+    """The dtype to keep keys/values in across decoding steps: autocast's when it is on (so no step
+    casts the whole cache again; int8 decoding gets bf16 caches this way), else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def _cache_write(cache: Optional[tuple[Tensor, Tensor]], k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
-    """Store k, v (N, H, 1, Dh) at slot `pos` of the cache buffers, growing them (zero-filled) to
-    cache_capacity(pos) when full.
+    """Store k, v (N, H, 1, Dh) at slot `pos` of the cache buffers (dtype: stored_dtype), growing
+    them (zero-filled) to cache_capacity(pos) when full.
 
     Why buffers and not torch.cat: concatenation copies the whole cache at every step, and its
     length changes at every step, so each step's attention matmuls have a shape never seen
@@ -165,7 +172,8 @@ def _cache_write(cache: Optional[tuple[Tensor, Tensor]], k: Tensor, v: Tensor, p
     cap = cache_capacity(pos)
     if cache is None or cache[0].size(2) < cap:
         n, h, _, d = k.shape
-        grown = (k.new_zeros(n, h, cap, d), v.new_zeros(n, h, cap, d))
+        dtype = stored_dtype(k)
+        grown = (k.new_zeros(n, h, cap, d, dtype=dtype), v.new_zeros(n, h, cap, d, dtype=dtype))
         if cache is not None:
             for new, old in zip(grown, cache):
                 new[:, :, : old.size(2)] = old
@@ -337,7 +345,8 @@ class Seq2SeqTransformer(nn.Module):
         return self.output(x[keep] if keep is not None else x)
 
     def start_from(self, memory: Tensor, src_mask: Tensor) -> DecoderState:
-        cross = [layer.cross_attn.keys_values(memory) for layer in self.decoder]
+        dtype = stored_dtype(memory)
+        cross = [tuple(t.to(dtype) for t in layer.cross_attn.keys_values(memory)) for layer in self.decoder]
         return DecoderState(cross, src_mask, [None] * len(self.decoder), 0)
 
     def start(self, src: Tensor) -> DecoderState:

@@ -8,7 +8,8 @@ arrives.
 
 Precision: fp32; bf16 (autocast: matmuls in bf16, softmax/norms and the search in fp32); int8
 (every nn.Linear replaced by a dynamically quantised one: int8 weights per tensor, activations
-quantised per batch on the fly, int32 accumulation; CPU only). Embeddings stay fp32.
+quantised per batch on the fly, int32 accumulation; CPU only), with attention and its cached keys/
+values in bf16 autocast where the CPU computes bf16 natively. Embeddings stay fp32.
 
 This room does not train. Public names: Translator, batch_by_tokens, translate_ids, set_precision.
 """
@@ -73,6 +74,13 @@ def set_precision(model: torch.nn.Module, precision: str, device: torch.device) 
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (else oneDNN emulates them, slowly)."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
 
 
 def translate_ids(model, src_ids: Sequence[list[int]], opts: SearchOptions, batch_tokens: int,
@@ -178,8 +186,10 @@ class Translator:
         return int(self.decode_defaults.get("batch_tokens", 4096))
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when asked for, else nothing."""
-        if self.precision == "bf16":
+        """bf16 autocast for bf16; for int8 too on a CPU with native bf16 (AVX-512 BF16 or AMX),
+        where it runs what is not quantised (attention, its caches) in bf16: the quantised
+        linear layers ignore autocast. Else nothing."""
+        if self.precision == "bf16" or (self.precision == "int8" and native_bf16()):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -266,6 +266,22 @@ def test_incremental_decoding_across_cache_blocks_with_reordering() -> None:
             state, prefix, src, tgt = state.select(order), prefix[order], src[order], tgt[order]
 
 
+def test_autocast_decoding_stores_bf16_keys_values_and_tracks_fp32() -> None:
+    """Under bf16 autocast the cached keys/values (self and cross) are kept in bf16 even for an fp32
+    model (int8 decoding relies on it), and the steps still follow the fp32 full forward pass."""
+    model = make_model(seed=2)
+    src, tgt = random_batch(4)
+    with torch.inference_mode():
+        full = model(src, tgt).log_softmax(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = model.start(src)
+            steps = [model.step(tgt[:, i], state)[0] for i in range(tgt.size(1))]
+    assert {t.dtype for kv in state.cross_kv + state.self_kv for t in kv} == {torch.bfloat16}
+    for i, lp in enumerate(steps):
+        assert lp.dtype == torch.float32
+        assert (lp.exp() - full[:, i].exp()).abs().sum(-1).max().item() < 0.05
+
+
 def test_step_refuses_beyond_max_positions() -> None:
     model = make_model(max_positions=8)
     src, _ = random_batch(0)
