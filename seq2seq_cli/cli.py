@@ -17,7 +17,7 @@ from typing import Annotated, Iterator, List, Optional
 
 import typer
 
-from .recipe import RecipeError, UserError, dump_recipe, load_recipe
+from .recipe import UserError, dump_recipe, load_recipe
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="translate: train and run Transformer translation models from YAML recipes.")

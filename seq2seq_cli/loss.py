@@ -5,7 +5,6 @@ Public names: label_smoothed_nll.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 __all__ = ["label_smoothed_nll"]
