@@ -96,15 +96,15 @@ def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int)
 
 def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, precision: str,
                  batch_tokens: int) -> dict[str, Any]:
-    from .score import corpus_scores
+    from .score import dev_scores
     from .translate import Translator
-    translator = Translator([Path(checkpoint)], "cpu", 0, precision)
+    translator = Translator([Path(checkpoint)], "cpu", 0, {"precision": precision, "batch_tokens": batch_tokens})
     text = Path(src).read_text(encoding="utf-8").splitlines()[:lines]
     opts = translator.options(beam=beam, n_best=1, sample=False)
     t0 = time.perf_counter()
-    hyps = translator.translate_window(text, opts, batch_tokens)  # inference mode is entered per batch there
+    hyps = translator.translate_window(text, opts)  # inference mode is entered per batch there
     elapsed = time.perf_counter() - t0
-    tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
+    tokens = sum(len(h[0].tokens) for h in hyps if h)  # target pieces without EOS, as the peers count
     out = {"beam": beam, "precision": precision, "workers": translator.workers, "sentences": len(text),
            "target_tokens": tokens,
            "seconds": elapsed, "sent_per_s": len(text) / elapsed, "tgt_tokens_per_s": tokens / elapsed,
@@ -112,7 +112,7 @@ def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, pre
     if ref:
         refs = Path(ref).read_text(encoding="utf-8").splitlines()[:lines]
         system = [translator.detok(h[0]) if h else "" for h in hyps]
-        out.update({k: m.score for k, m in zip(("bleu", "chrf"), corpus_scores(system, [refs], ("bleu", "chrf")))})
+        out.update(dev_scores(system, refs))
     return out
 
 

@@ -1,83 +1,127 @@
-"""THE checkpoint format: one self-contained file per checkpoint.
+"""The model file: one self-contained checkpoint, and the only module that knows its keys.
 
-A checkpoint is a plain dict of tensors and primitives, loaded with
-`torch.load(weights_only=True)`, so a forged file carrying a pickled object that would run
-code is refused, never executed. Keys (only this module knows them): format_version, step,
-epoch, batch_in_epoch, recipe (resolved, as plain data), model, optimizer, scheduler, scaler,
-rng, tokenizer (sentencepiece model bytes), best_score, validations, metrics.
+A checkpoint file is a plain dict of tensors and primitives written by `torch.save` and read
+with `torch.load(weights_only=True)`, so a forged file carrying a pickled object that would run
+code is refused, never executed. Format 2 keys: format_version, content_sha256, step, recipe
+(resolved, as plain data), decode (the decoding defaults: the recipe's decode section, later
+`translate tune`'s winner), model (weights), tokenizer (sentencepiece model bytes: src, and tgt
+or None when joint), training (position, optimizer, scheduler, scaler, rng; absent in averaged
+files) and averaged_from (averaged files only). Format 1 files (no hash, training keys at the
+top level) are still read; files from a newer format are refused with a one-line error.
 
-Writes are atomic: temp file in the same directory, fsync, os.replace, fsync of the directory;
-a crash or a full disk during a save leaves the previous file intact.
+`content_sha256` = SHA-256 over every weight (name, dtype, shape, bytes, in name order) and the
+tokenizer bytes; it is checked on load, so a corrupted or hand-edited model file is refused.
+Writes are atomic (`atomic.AtomicFile`): a crash or a full disk leaves the previous file intact.
 
-Public names: FORMAT_VERSION, CheckpointError, Checkpoint, save_checkpoint, load_checkpoint,
-load_model, average_checkpoints, prune_checkpoints.
+Everything else in the package sees a `Checkpoint` (typed fields), never the dict.
+Public names: FORMAT_VERSION, CheckpointError, Checkpoint, TrainingState, save_checkpoint,
+load_checkpoint, load_model, content_hash, average_checkpoints, prune_checkpoints,
+step_checkpoints, link_checkpoint, RunDir.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pickle
 import re
-import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from pydantic import ValidationError
 
+from .atomic import AtomicFile
 from .model import Seq2SeqTransformer, build_model
-from .recipe import Recipe, RecipeError, UserError, recipe_from_dict
-from .tokenizer import Tokenizer, set_default_mode
+from .recipe import DecodeConfig, Recipe, RecipeError, UserError, recipe_from_dict
+from .tokenizer import Tokenizer
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
-           "load_model", "average_checkpoints", "prune_checkpoints", "RunDir", "link_checkpoint",
-           "step_checkpoints"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "Checkpoint", "TrainingState", "save_checkpoint",
+           "load_checkpoint", "load_model", "content_hash", "average_checkpoints", "prune_checkpoints",
+           "RunDir", "link_checkpoint", "step_checkpoints"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_TRAINING_KEYS = ("position", "optimizer", "scheduler", "scaler", "rng")
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be written or used; the message names the file."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class TrainingState:
+    """What a run needs to resume exactly, besides the weights."""
+
+    position: dict[str, Any]  # step, epoch, batches_done, seconds, best_score, bad_validations
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]  # torch, python, cuda (or None)
+    scaler: Optional[dict[str, Any]] = None
+
+
+@dataclass(frozen=True)
 class Checkpoint:
-    """A loaded checkpoint: the validated recipe and the raw state for training to resume."""
+    """A model file's content: recipe, weights, tokenizer, decoding defaults (+ training state)."""
 
-    path: Path
     recipe: Recipe
-    state: dict[str, Any]
+    weights: Mapping[str, torch.Tensor]
+    tokenizer: Mapping[str, Optional[bytes]]  # Tokenizer.to_state()
+    decode: DecodeConfig
+    step: int = 0
+    training: Optional[TrainingState] = None
+    averaged_from: tuple[str, ...] = ()
+    path: Optional[Path] = field(default=None, compare=False)  # where it was read from
 
-    @property
-    def step(self) -> int:
-        return int(self.state.get("step", 0))
+    def where(self) -> str:
+        return str(self.path) if self.path is not None else "<checkpoint>"
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write `state` (format_version added) to path."""
+def content_hash(weights: Mapping[str, torch.Tensor], tokenizer: Mapping[str, Optional[bytes]]) -> str:
+    """SHA-256 of the weights (name, dtype, shape and bytes, in name order) and the tokenizer bytes."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    for side in ("src", "tgt"):
+        proto = tokenizer.get(side)
+        h.update(f"{side}|{-1 if proto is None else len(proto)}\n".encode())
+        h.update(proto or b"")
+    return h.hexdigest()
+
+
+def _to_state(ckpt: Checkpoint) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "content_sha256": content_hash(ckpt.weights, ckpt.tokenizer),
+        "step": ckpt.step, "recipe": ckpt.recipe.model_dump(mode="json"),
+        "decode": ckpt.decode.model_dump(mode="json"), "model": dict(ckpt.weights),
+        "tokenizer": dict(ckpt.tokenizer)}
+    if ckpt.training is not None:
+        t = ckpt.training
+        state["training"] = {"position": t.position, "optimizer": t.optimizer, "scheduler": t.scheduler,
+                             "scaler": t.scaler, "rng": t.rng}
+    if ckpt.averaged_from:
+        state["averaged_from"] = list(ckpt.averaged_from)
+    return state
+
+
+def save_checkpoint(path: Path | str, ckpt: Checkpoint) -> None:
+    """Atomically write a checkpoint file (its content hash computed here)."""
     path = Path(path)
-    state = {"format_version": FORMAT_VERSION, **state}
+    state = _to_state(ckpt)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        set_default_mode(fd)
+        out = AtomicFile(path)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write checkpoint: {exc.strerror}") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        torch.save(state, out.handle)
+        out.commit()
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        out.abort()
         if not isinstance(exc, (OSError, RuntimeError)):
             raise
         reason = "disk full" if getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc) else str(exc)
@@ -102,71 +146,98 @@ def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
                               f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
     if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a translate checkpoint (no format_version/model entries)")
-    if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format_version {state['format_version']!r} is not supported "
-                              f"(this version of translate reads {FORMAT_VERSION})")
+    version = state["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: checkpoint format_version {version!r} is not valid")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format_version {version} was written by a newer translate "
+                              f"(this version reads up to {FORMAT_VERSION}): upgrade translate to use it")
     return state
 
 
+def _from_state(path: Path, state: dict[str, Any]) -> Checkpoint:
+    try:
+        recipe = recipe_from_dict(state["recipe"], f"{path} (stored recipe)")
+    except (RecipeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: stored recipe is invalid: {exc}") from None
+    try:
+        decode = DecodeConfig.model_validate(state.get("decode") or recipe.decode.model_dump())
+    except ValidationError as exc:
+        raise CheckpointError(f"{path}: stored decode settings are invalid "
+                              f"({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})") from None
+    weights, tokenizer = state["model"], state.get("tokenizer")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: the model entry is not a dict of tensors")
+    if not isinstance(tokenizer, dict):
+        raise CheckpointError(f"{path}: no tokenizer stored")
+    if state["format_version"] >= 2:
+        stored = state.get("content_sha256")
+        if not isinstance(stored, str) or stored != content_hash(weights, tokenizer):
+            raise CheckpointError(f"{path}: content hash mismatch: the weights or tokenizer were changed "
+                                  "after the file was written (corrupt or hand-edited); refusing it")
+    training_state = state.get("training") if state["format_version"] >= 2 else (
+        {k: state[k] for k in _TRAINING_KEYS if k in state} if "optimizer" in state else None)
+    training = None
+    if training_state:
+        training = TrainingState(training_state["position"], training_state["optimizer"],
+                                 training_state["scheduler"], training_state["rng"], training_state.get("scaler"))
+    return Checkpoint(recipe, weights, tokenizer, decode, int(state.get("step", 0)), training,
+                      tuple(state.get("averaged_from", ())), path)
+
+
 def load_checkpoint(path: Path | str, mmap: bool = False) -> Checkpoint:
-    """Read and check a checkpoint file (weights_only), returning its recipe and state.
+    """Read and check a checkpoint file (weights_only, version, content hash, recipe, decode settings).
 
     mmap=True maps the tensors from the file instead of reading it whole (copy-on-write; a later
     atomic save makes a new file, so the mapping stays valid): ~30 ms less start-up for a model
     that is copied into place next anyway.
     """
     path = Path(path)
-    state = _read(path, mmap)
-    try:
-        recipe = recipe_from_dict(state["recipe"], f"{path} (stored recipe)")
-    except (RecipeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: stored recipe is invalid: {exc}") from None
-    return Checkpoint(path, recipe, state)
+    return _from_state(path, _read(path, mmap))
 
 
 def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[Seq2SeqTransformer, Tokenizer]:
     """Rebuild the model and tokenizer stored in a checkpoint (strict weight loading)."""
     try:
-        tok = Tokenizer.from_state(ckpt.state["tokenizer"])
+        tok = Tokenizer.from_state(dict(ckpt.tokenizer))
     except Exception as exc:  # sentencepiece raises bare RuntimeErrors on bad protos
-        raise CheckpointError(f"{ckpt.path}: stored tokenizer is unreadable ({exc})") from None
-    weights = ckpt.state["model"]
-    emb = weights.get("tgt_embed.weight")
+        raise CheckpointError(f"{ckpt.where()}: stored tokenizer is unreadable ({exc})") from None
+    emb = ckpt.weights.get("tgt_embed.weight")
     if emb is None or emb.size(0) != tok.tgt_vocab_size:
         got = None if emb is None else emb.size(0)
-        raise CheckpointError(f"{ckpt.path}: tokenizer vocabulary ({tok.tgt_vocab_size}) does not match "
+        raise CheckpointError(f"{ckpt.where()}: tokenizer vocabulary ({tok.tgt_vocab_size}) does not match "
                               f"the model's embedding ({got})")
     model = build_model(ckpt.recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id, tok.bos_id,
                         tok.eos_id, init=False)  # every weight is loaded next (strict)
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(dict(ckpt.weights), strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt.path}: weights do not fit the stored model shape "
+        raise CheckpointError(f"{ckpt.where()}: weights do not fit the stored model shape "
                               f"({str(exc).splitlines()[0][:160]})") from None
     return model.to(device).eval(), tok
 
 
-def average_checkpoints(paths: Sequence[Path]) -> dict[str, Any]:
+def average_checkpoints(paths: Sequence[Path]) -> Checkpoint:
     """Element-wise mean of the model weights of several checkpoints of the same model.
 
-    theta_avg = (1/n) * sum_k theta_k. The result keeps the first checkpoint's recipe and
-    tokenizer and drops optimizer state (it is a model for decoding, not for resuming).
+    theta_avg = (1/n) * sum_k theta_k. The result keeps the first checkpoint's recipe, tokenizer
+    and decoding defaults and has no training state (it is a model for decoding, not for resuming).
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
-    first = _read(Path(paths[0]))
-    total = {k: v.double().clone() if v.is_floating_point() else v for k, v in first["model"].items()}
+    first = load_checkpoint(Path(paths[0]))
+    total = {k: v.double().clone() if v.is_floating_point() else v for k, v in first.weights.items()}
     for p in paths[1:]:
-        other = _read(Path(p))["model"]
+        other = load_checkpoint(Path(p)).weights
         if other.keys() != total.keys() or any(other[k].shape != total[k].shape for k in total):
             raise CheckpointError(f"{p}: cannot average: a different model shape than {paths[0]}")
         for k, v in other.items():
             if v.is_floating_point():
                 total[k] += v.double()
-    model = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v
-             for k, v in total.items()}
-    keep = ("recipe", "tokenizer", "step", "epoch", "best_score", "decode")
-    return {**{k: first[k] for k in keep if k in first}, "model": model, "averaged_from": [str(p) for p in paths]}
+    weights = {k: (v / len(paths)).to(first.weights[k].dtype) if v.is_floating_point() else v
+               for k, v in total.items()}
+    return Checkpoint(first.recipe, weights, first.tokenizer, first.decode, first.step,
+                      averaged_from=tuple(str(p) for p in paths))
 
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")

@@ -170,11 +170,11 @@ def decode(
     _setup_logging()
     with _user_errors():
         from .translate import run_decode
-        overrides = dict(beam=beam, alpha=alpha, beta=beta, length_penalty=length_penalty, n_best=n_best,
-                         sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
-                         max_len_a=max_len_a, max_len_b=max_len_b)
-        run_decode(checkpoints, input, output, overrides, batch_tokens, stream, device, threads, encoding_errors,
-                   precision, workers)
+        options = dict(beam=beam, alpha=alpha, beta=beta, length_penalty=length_penalty, n_best=n_best,
+                       sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
+                       max_len_a=max_len_a, max_len_b=max_len_b, batch_tokens=batch_tokens, precision=precision,
+                       workers=workers)
+        run_decode(checkpoints, input, output, options, stream, device, threads, encoding_errors)
 
 
 @app.command()

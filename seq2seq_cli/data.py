@@ -28,7 +28,7 @@ from .recipe import Split, UserError
 from .tokenizer import Tokenizer
 
 __all__ = ["DataError", "decode_bytes", "read_lines", "iter_lines", "read_split", "clean_line", "ParallelText",
-           "encode_pairs", "EncodedCorpus", "make_batches", "shard_batches", "Batch", "collate"]
+           "encode_pairs", "EncodedCorpus", "length_batches", "make_batches", "pad_rows", "shard_batches", "Batch", "collate"]
 
 
 class DataError(UserError):
@@ -184,6 +184,27 @@ def encode_pairs(text: ParallelText, tok: Tokenizer, max_len: int, max_len_ratio
     return out
 
 
+def length_batches(order: Sequence[int], lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Cut indices, taken in `order`, into consecutive batches with rows * max(lengths) <= batch_tokens.
+
+    The one batching rule of the package (training, validation, decoding). An item longer than
+    batch_tokens gets a batch of its own.
+    """
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        grown = max(longest, lengths[i])
+        if cur and (len(cur) + 1) * grown > batch_tokens:
+            batches.append(cur)
+            cur, grown = [], lengths[i]
+        cur.append(i)
+        longest = grown
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def make_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens: int, seed: int,
                  epoch: int) -> list[list[int]]:
     """Length-bucketed batches of pair indices, in a shuffled order fixed by (seed, epoch).
@@ -195,19 +216,7 @@ def make_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens:
     rng = random.Random(seed * 1_000_003 + epoch)
     jitter = [rng.random() for _ in src_lens]
     order = sorted(range(len(src_lens)), key=lambda i: (tgt_lens[i], src_lens[i], jitter[i]))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    max_s = max_t = 0
-    for i in order:
-        s, t = src_lens[i], tgt_lens[i] + 1
-        ms, mt = max(max_s, s), max(max_t, t)
-        if cur and (len(cur) + 1) * max(ms, mt) > batch_tokens:
-            batches.append(cur)
-            cur, ms, mt = [], s, t
-        cur.append(i)
-        max_s, max_t = ms, mt
-    if cur:
-        batches.append(cur)
+    batches = length_batches(order, [max(s, t + 1) for s, t in zip(src_lens, tgt_lens)], batch_tokens)
     rng.shuffle(batches)
     return batches
 
@@ -235,7 +244,8 @@ class Batch:
                      self.tgt_out.to(device, non_blocking=non_blocking), self.n_src, self.n_tgt)
 
 
-def _pad(rows: Iterable[list[int]], pad_id: int) -> Tensor:
+def pad_rows(rows: Iterable[Sequence[int]], pad_id: int) -> Tensor:
+    """A (len(rows), longest) long tensor of the rows, right-padded with pad_id."""
     rows = list(rows)
     out = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -247,6 +257,6 @@ def collate(corpus: EncodedCorpus, index: Sequence[int], pad_id: int, bos_id: in
     """Build the padded Batch for the pairs `index` of corpus."""
     src = [corpus.src[i] for i in index]
     tgt = [corpus.tgt[i] for i in index]
-    return Batch(_pad(src, pad_id), _pad(([bos_id] + t for t in tgt), pad_id),
-                 _pad((t + [eos_id] for t in tgt), pad_id), sum(map(len, src)), sum(len(t) + 1 for t in tgt))
+    return Batch(pad_rows(src, pad_id), pad_rows(([bos_id] + t for t in tgt), pad_id),
+                 pad_rows((t + [eos_id] for t in tgt), pad_id), sum(map(len, src)), sum(len(t) + 1 for t in tgt))
 

@@ -41,8 +41,8 @@ def launch_local(recipe_path: Path, overrides: Sequence[str], nproc: int) -> tup
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .pipeline import run_tokenizer
     from .checkpoint import RunDir
+    from .pipeline import run_tokenizer
     from .recipe import load_recipe
     from .tokenizer import Tokenizer
 

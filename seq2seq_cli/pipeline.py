@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .checkpoint import RunDir
+from .atomic import atomic_write
+from .checkpoint import RunDir, content_hash, load_checkpoint
 from .data import read_split
 from .recipe import Recipe, Split
 from .tokenizer import Tokenizer, train_tokenizer
@@ -57,9 +58,8 @@ def run_tokenizer(recipe: Recipe) -> dict[str, Any]:
 
 def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Train (resuming if possible); trains the tokenizer first when it is missing."""
-    from .train import train
-
     from . import distributed as dist
+    from .train import train
 
     run = RunDir(recipe.output_dir)
     ctx = dist.init_from_env()  # under torchrun: join the group so rank 0 can train the tokenizer first
@@ -98,12 +98,11 @@ def run_decode_test(recipe: Recipe) -> dict[str, Any]:
     src = recipe.output_dir / "test.src"
     src.write_text("".join(x + "\n" for x in read_split(test, keep_blank=True).src), encoding="utf-8")
     ckpt = best_checkpoint(recipe)
-    # the recipe's decode section is the truth here (it may have changed since training)
-    search = recipe.decode.model_dump(exclude={"batch_tokens", "precision", "workers"})
-    stats = run_decode([ckpt], str(src), str(out), search, recipe.decode.batch_tokens, False, recipe.train.device,
-                       recipe.train.threads, recipe.data.encoding_errors, recipe.decode.precision,
-                       recipe.decode.workers)
-    return {"checkpoint": str(ckpt), "hypotheses": str(out), "lines": stats.lines}
+    # keys the recipe gives explicitly rank above the checkpoint's stored (maybe tuned) settings
+    stats = run_decode([ckpt], str(src), str(out), {}, False, recipe.train.device, recipe.train.threads,
+                       recipe.data.encoding_errors, recipe=recipe.decode)
+    settings = stats.config.model_dump(mode="json") if stats.config is not None else {}
+    return {"checkpoint": str(ckpt), "hypotheses": str(out), "lines": stats.lines, "decode": settings}
 
 
 def run_score_test(recipe: Recipe) -> dict[str, Any]:
@@ -117,7 +116,7 @@ def run_score_test(recipe: Recipe) -> dict[str, Any]:
     hyps = read_lines(recipe.output_dir / "test.hyp")
     results = corpus_scores(hyps, [text.tgt, *text.refs])
     report = {r.name: {"score": round(r.score, 2), "signature": r.signature} for r in results}
-    (recipe.output_dir / "test.score.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    atomic_write(recipe.output_dir / "test.score.json", json.dumps(report, indent=1) + "\n")
     for r in results:
         log.info("%s  (%s)", r.text, r.signature)
     return report
@@ -132,16 +131,22 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
     fp_tok = _digest([recipe.tokenizer.model_dump(mode="json"), d.encoding_errors], _split_files(d.train))
     fp_train = _digest([fp_tok, recipe.model.model_dump(mode="json"), recipe.train.model_dump(mode="json"),
                         recipe.seed, d.model_dump(mode="json", exclude={"test"})], _split_files(d.dev))
-    fp_dec = _digest([fp_train, recipe.decode.model_dump(mode="json")], _split_files(d.test)[:1])
-    fp_score = _digest([fp_dec], _split_files(d.test))
-    stages: list[tuple[str, str, Callable[[], Any]]] = [
-        ("tokenizer", fp_tok, lambda: run_tokenizer(recipe)),
-        ("train", fp_train, lambda: run_train(recipe, progress)),
+
+    def fp_dec() -> str:  # after training: the model file's content and stored (tuned) settings count too
+        ckpt = load_checkpoint(best_checkpoint(recipe), mmap=True)
+        return _digest([fp_train, recipe.decode.model_dump(mode="json"), content_hash(ckpt.weights, ckpt.tokenizer),
+                        ckpt.decode.model_dump(mode="json")], _split_files(d.test)[:1])
+
+    stages: list[tuple[str, Callable[[], str], Callable[[], Any]]] = [
+        ("tokenizer", lambda: fp_tok, lambda: run_tokenizer(recipe)),
+        ("train", lambda: fp_train, lambda: run_train(recipe, progress)),
     ]
     if d.test is not None:
-        stages += [("decode", fp_dec, lambda: run_decode_test(recipe)), ("score", fp_score, lambda: run_score_test(recipe))]
+        stages += [("decode", fp_dec, lambda: run_decode_test(recipe)),
+                   ("score", lambda: _digest([done["decode"]], _split_files(d.test)), lambda: run_score_test(recipe))]
     results: dict[str, Any] = {}
-    for name, fp, fn in stages:
+    for name, fingerprint, fn in stages:
+        fp = fingerprint()
         if done.get(name) == fp:
             log.info("stage %s: inputs unchanged, skipped", name)
             results[name] = "skipped"
@@ -149,7 +154,7 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
         log.info("stage %s: running", name)
         results[name] = fn()
         done[name] = fp
-        state_file.write_text(json.dumps(done, indent=1) + "\n", encoding="utf-8")
+        atomic_write(state_file, json.dumps(done, indent=1) + "\n")
     if "score" in results and results["score"] == "skipped":
         results["score"] = json.loads((recipe.output_dir / "test.score.json").read_text())
     return results

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "UserError", "RecipeError", "Split", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig",
-    "DecodeConfig", "Recipe", "load_recipe", "recipe_from_dict", "dump_recipe", "parse_override", "check_data_files",
+    "DecodeConfig", "Recipe", "resolve_decode", "load_recipe", "recipe_from_dict", "dump_recipe", "parse_override", "check_data_files",
 ]
 
 
@@ -136,7 +136,12 @@ class TrainConfig(_Strict):
 
 
 class DecodeConfig(_Strict):
-    """Search settings; stored in each checkpoint as the decode defaults."""
+    """Every decoding setting, the one type from recipe / command line / checkpoint to the search.
+
+    `beam` ... `stop_early` steer the search; `batch_tokens`, `workers` and `precision` only
+    its speed. A checkpoint stores one (the recipe's decode section, later `translate tune`'s
+    winner); `resolve_decode` layers the sources in their documented precedence.
+    """
 
     beam: int = Field(5, ge=1)
     n_best: int = Field(1, ge=1)
@@ -186,6 +191,34 @@ class Recipe(_Strict):
             raise ValueError(f"data.max_len ({self.data.max_len}) must not exceed model.max_positions "
                              f"({self.model.max_positions})")
         return self
+
+
+# ---------------------------------------------------------------------------------------- decoding settings
+
+def resolve_decode(stored: DecodeConfig, recipe: Optional[DecodeConfig] = None,
+                   options: Optional[dict[str, Any]] = None) -> DecodeConfig:
+    """The decoding settings to use, validated once as a whole.
+
+    Precedence, highest first: command-line `options` (None = not given) > keys the recipe gives
+    explicitly (`recipe.model_fields_set`: written in the YAML or set with --set) > the stored
+    (checkpoint's, possibly tuned) values > the defaults. Errors name the command-line option
+    (`--n-best`) or the recipe key (`decode.n_best`) that brought the offending value.
+    """
+    explicit = recipe.model_dump(include=recipe.model_fields_set) if recipe is not None else {}
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = set(given) - set(DecodeConfig.model_fields)
+    if unknown:
+        raise RecipeError(f"unknown decoding option(s): {', '.join(sorted(unknown))}")
+    try:
+        return DecodeConfig.model_validate({**stored.model_dump(), **explicit, **given})
+    except ValidationError as exc:
+        def name(err: dict) -> str:
+            key = str(err["loc"][0]) if err["loc"] else ""
+            return f"--{key.replace('_', '-')}" if key in given else f"decode.{key}" if key else "decode"
+
+        raise RecipeError("; ".join(
+            f"{name(e)}: {e['msg'].removeprefix('Value error, ')}"
+            + ("" if e["type"] == "value_error" else f" (got {e.get('input')!r})") for e in exc.errors())) from None
 
 
 # ---------------------------------------------------------------------------------------- loading

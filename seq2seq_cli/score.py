@@ -18,7 +18,7 @@ from sacrebleu.significance import PairedTest
 
 from .recipe import UserError
 
-__all__ = ["METRICS", "MetricResult", "ScoreError", "check_same_length", "corpus_scores", "sentence_scores",
+__all__ = ["METRICS", "MetricResult", "ScoreError", "check_same_length", "corpus_scores", "dev_scores", "sentence_scores",
            "paired_bootstrap"]
 
 METRICS = ("bleu", "chrf", "ter")
@@ -79,6 +79,12 @@ def corpus_scores(hyps: list[str], refs: list[list[str]],
         score = metric.corpus_score(list(hyps), [list(r) for r in refs])
         results.append(MetricResult(score.name, float(score.score), str(metric.get_signature()), str(score)))
     return results
+
+
+def dev_scores(system: Sequence[str], refs: Sequence[str], metrics: Sequence[str] = ("bleu", "chrf")
+               ) -> dict[str, float]:
+    """{metric: corpus score} of one system output against one reference stream (validation, tuning)."""
+    return {name: r.score for name, r in zip(metrics, corpus_scores(list(system), [list(refs)], metrics))}
 
 
 def sentence_scores(hyps: list[str], refs: list[list[str]], metric: str = "bleu") -> list[float]:

@@ -13,20 +13,28 @@ Conventions (shared with `penalties.py`):
     hypothesis emits EOS, so no score ever needs "unnormalising".
   * Every decision is per sentence (top-k over the sentence's own k*V candidates, per-sentence
     stopping): a sentence's output does not depend on the other sentences in its batch.
+
+The settings are a `recipe.DecodeConfig` (its speed-only fields batch_tokens, workers and
+precision are read by `translate_ids` and the Translator, not by the search itself).
+`translate_ids` is the batched entry point shared by decoding and training's validation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Any, Callable, Literal, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from .data import length_batches, pad_rows
 from .penalties import length_penalty, rescore
+from .recipe import DecodeConfig
 
-__all__ = ["Seq2SeqDecoder", "SearchOptions", "Hypothesis", "greedy_search", "beam_search", "sample",
+__all__ = ["Seq2SeqDecoder", "Hypothesis", "translate_ids", "batch_by_tokens", "greedy_search", "beam_search", "sample",
            "search", "top_k_top_p_filter", "Ensemble", "EnsembleState"]
 
 NEG_INF = float("-inf")
@@ -62,33 +70,6 @@ class Seq2SeqDecoder(Protocol):
         ...  # tokens (N,) → log_probs (N, V), attention (N, S) or None; advances `state`
 
 
-@dataclass(frozen=True)
-class SearchOptions:
-    """Search settings; field names and defaults match `recipe.DecodeConfig`."""
-
-    beam: int = 5
-    n_best: int = 1
-    alpha: float = 0.6
-    beta: float = 0.0
-    length_penalty: Literal["gnmt", "power"] = "gnmt"
-    min_len: int = 0
-    max_len_a: float = 1.5
-    max_len_b: int = 10
-    no_repeat_ngram: int = 0
-    sample: bool = False
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    seed: int = 0
-    stop_early: bool = True
-
-    @classmethod
-    def from_config(cls, obj: Any, **overrides: Any) -> "SearchOptions":
-        """Copy every field that `obj` has an attribute of the same name for, then apply overrides."""
-        values = {f.name: getattr(obj, f.name) for f in fields(cls) if hasattr(obj, f.name)}
-        return cls(**{**values, **overrides})
-
-
 @dataclass
 class Hypothesis:
     """One output: tokens without BOS/EOS, final rescored score, summed log-prob (EOS included)."""
@@ -100,7 +81,7 @@ class Hypothesis:
 
 # ------------------------------------------------------------------------------ shared steps
 
-def _max_lengths(src_mask: Tensor, opts: SearchOptions, model: Seq2SeqDecoder) -> Tensor:
+def _max_lengths(src_mask: Tensor, opts: DecodeConfig, model: Seq2SeqDecoder) -> Tensor:
     """(N,) max_len = min(int(max_len_a * |X| + max_len_b), max_positions - 1) per row."""
     cap = model.cfg.max_positions - 1
     lengths = [min(int(opts.max_len_a * n + opts.max_len_b), cap) for n in src_mask.sum(1).tolist()]
@@ -122,7 +103,7 @@ def _ban_repeats(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
     return log_probs.masked_fill_(banned > 0, NEG_INF)
 
 
-def _constrain(log_probs: Tensor, history: Tensor, max_len: Tensor, opts: SearchOptions,
+def _constrain(log_probs: Tensor, history: Tensor, max_len: Tensor, opts: DecodeConfig,
                model: Seq2SeqDecoder) -> Tensor:
     """Apply the generation rules at step t = history.size(1) to log_probs (N, V), in place:
     no PAD/BOS; no EOS while t < min_len; no repeated n-gram; only EOS once t >= max_len (N,)."""
@@ -155,7 +136,7 @@ def _accumulate(coverage: Optional[Tensor], attn: Optional[Tensor]) -> Optional[
 
 
 def _hypotheses(history: Tensor, sum_log_prob: Tensor, coverage: Optional[Tensor], src_mask: Tensor,
-                opts: SearchOptions) -> list[Hypothesis]:
+                opts: DecodeConfig) -> list[Hypothesis]:
     """Rows that just emitted EOS → Hypothesis; history (F, t) excludes EOS, so |Y| = t + 1."""
     length = torch.full_like(sum_log_prob, history.size(1) + 1)  # (F,)
     scores = rescore(sum_log_prob, length, coverage, src_mask, opts.alpha, opts.beta, opts.length_penalty)
@@ -171,7 +152,7 @@ def _best_first(finished: list[list[Hypothesis]], n: int) -> list[list[Hypothesi
 
 # ------------------------------------------------------------------ greedy and sampling
 
-def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions, copies: int,
+def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig, copies: int,
                   choose: Callable[[Tensor], Tensor]) -> list[list[Hypothesis]]:
     """Extend `copies` independent paths per sentence by `choose(log_probs (N, V)) -> (N,)` until
     EOS; finished rows leave the batch at once."""
@@ -200,7 +181,7 @@ def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions, copie
 
 
 @torch.no_grad()
-def greedy_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions) -> list[list[Hypothesis]]:
+def greedy_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig) -> list[list[Hypothesis]]:
     """Pick the most probable token at each step; one hypothesis per sentence. src (B, S)."""
     return _decode_paths(model, src, opts, 1, lambda log_probs: log_probs.argmax(-1))
 
@@ -222,7 +203,7 @@ def top_k_top_p_filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 @torch.no_grad()
-def sample(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
+def sample(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
            generator: Optional[torch.Generator] = None) -> list[list[Hypothesis]]:
     """Ancestral sampling from softmax(top_k_top_p_filter(log_probs / temperature)); n_best
     independent samples per sentence, best score first. Scores use the model's own log-probs (not
@@ -251,7 +232,7 @@ class _Beams:
     coverage: Optional[Tensor]  # (A*k, S) summed cross-attention, only when beta > 0
 
 
-def _init_beams(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions) -> _Beams:
+def _init_beams(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig) -> _Beams:
     """Encode once, copy each sentence's state to k rows; only row 0 is live (the rest -inf),
     so the first step does not pick k copies of the same token."""
     k, b = opts.beam, src.size(0)
@@ -278,7 +259,7 @@ def _expand(beams: _Beams, log_probs: Tensor, k: int) -> tuple[Tensor, Tensor, T
     return top, rows, index % v
 
 
-def _collect_finished(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], opts: SearchOptions, eos: int,
+def _collect_finished(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], opts: DecodeConfig, eos: int,
                       finished: list[list[Hypothesis]]) -> None:
     """EOS candidates ranked within the top k (and not -inf) become finished hypotheses,
     rescored with the length and coverage penalties."""
@@ -308,7 +289,7 @@ def _advance(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], k: int, eos: in
                    scores=top.gather(1, order).view(-1), coverage=coverage)
 
 
-def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: SearchOptions) -> _Beams:
+def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: DecodeConfig) -> _Beams:
     """Remove sentences that are done: past max_len, no live beam, `beam` finished hypotheses
     (with stop_early, fairseq's rule), or no open beam can still enter their n-best list.
 
@@ -337,7 +318,7 @@ def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: SearchOpti
 
 
 @torch.no_grad()
-def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions) -> list[list[Hypothesis]]:
+def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig) -> list[list[Hypothesis]]:
     """Batched beam search (k = opts.beam rows per sentence); n_best hypotheses per sentence, best
     final score first. src (B, S) padded with model.pad_id."""
     beams = _init_beams(model, src, opts)
@@ -352,7 +333,7 @@ def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions) -> list
     return _best_first(finished, opts.n_best)
 
 
-def search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
+def search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
            generator: Optional[torch.Generator] = None) -> list[list[Hypothesis]]:
     """Sampling if opts.sample; greedy when beam == n_best == 1; beam search otherwise."""
     if opts.sample:
@@ -407,3 +388,58 @@ class Ensemble:
         log_probs = torch.stack([lp for lp, _ in outs]).mean(0).log_softmax(-1)  # (N, V)
         attns = [a for _, a in outs if a is not None]  # each (N, S)
         return log_probs, (torch.stack(attns).mean(0) if need_attention and attns else None)
+
+
+# ------------------------------------------------------------------------------ batched entry point
+
+def batch_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first) and cut so that rows * max_len <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return length_batches(order, lengths, batch_tokens)
+
+
+def translate_ids(model: Seq2SeqDecoder, src_ids: Sequence[list[int]], opts: DecodeConfig,
+                  device: torch.device, pad_id: int,
+                  on_batch: Optional[Callable[[int, int], None]] = None, workers: int = 1,
+                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                  ) -> list[list[Hypothesis]]:
+    """Search every source (ids ending in EOS), batched by length; results in input order.
+
+    Batches hold at most `opts.batch_tokens` padded source tokens, divided by the rows each
+    sentence occupies (beam, or n_best samples). `workers` > 1 searches that many batches at
+    once, each in its own thread (PyTorch releases the GIL inside its kernels), with the caller's
+    intra-op threads shared out among them; the result does not depend on it, since every batch
+    is searched on its own. `context()` is entered in each thread (autocast is per thread).
+    `on_batch(n_sentences, n_target_tokens)` is called after each batch, in order, from the
+    calling thread (progress); target tokens exclude EOS.
+    """
+    out: list[list[Hypothesis]] = [[] for _ in src_ids]
+    per_row = max(1, opts.batch_tokens // max(1, opts.beam if not opts.sample else opts.n_best))
+    batches = batch_by_tokens([len(s) for s in src_ids], per_row)
+
+    def run(index: list[int]) -> list[list[Hypothesis]]:
+        src = pad_rows([src_ids[i] for i in index], pad_id)
+        with torch.inference_mode(), context():
+            return search(model, src.to(device), opts)
+
+    def done(index: list[int], hyps: list[list[Hypothesis]]) -> None:
+        for i, h in zip(index, hyps):
+            out[i] = h
+        if on_batch is not None:
+            on_batch(len(index), sum(len(h[0].tokens) for h in hyps if h))
+
+    workers = max(1, min(workers, len(batches)))
+    if workers == 1:
+        for index in batches:
+            done(index, run(index))
+        return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))  # read by each new worker thread
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    try:
+        for index, hyps in zip(batches, pool.map(run, batches)):
+            done(index, hyps)
+    finally:  # on an error or Ctrl-C, queued batches are dropped; running ones end with their batch
+        pool.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(threads)
+    return out

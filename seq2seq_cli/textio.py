@@ -14,12 +14,11 @@ from __future__ import annotations
 import os
 import select
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
+from .atomic import AtomicFile
 from .data import DataError, decode_bytes, iter_lines
-from .tokenizer import set_default_mode
 
 __all__ = ["file_chunks", "stdin_chunks", "AtomicOutput"]
 
@@ -77,7 +76,7 @@ class AtomicOutput:
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self.tmp: Optional[Path] = None
+        self.file: Optional[AtomicFile] = None
         if target == "-":
             self.handle: IO[str] = sys.stdout
             return
@@ -88,12 +87,10 @@ class AtomicOutput:
         if not parent.is_dir():
             raise DataError(f"{path}: output directory {parent} does not exist")
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
-            set_default_mode(fd)
+            self.file = AtomicFile(path, text=True, suffix=".partial")
         except OSError as exc:
             raise DataError(f"{path}: cannot write output ({exc.strerror})") from None
-        self.tmp = Path(tmp)
-        self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        self.handle = self.file.handle
 
     def write_lines(self, lines: list[str], flush: bool = False) -> None:
         self.handle.write("".join(x + "\n" for x in lines))
@@ -102,18 +99,12 @@ class AtomicOutput:
 
     def commit(self) -> None:
         """Finish: flush stdout, or fsync the temp file and rename it over the target."""
-        if self.tmp is None:
+        if self.file is None:
             self.handle.flush()
-            return
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.replace(self.tmp, self.target)
-        self.tmp = None
+        else:
+            self.file.commit()
 
     def abort(self) -> None:
         """Drop the partial file (on error or interruption)."""
-        if self.tmp is not None:
-            self.handle.close()
-            self.tmp.unlink(missing_ok=True)
-            self.tmp = None
+        if self.file is not None:
+            self.file.abort()

@@ -13,12 +13,12 @@ import itertools
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Literal, Optional, Sequence
 
 import sentencepiece as spm
 
+from .atomic import atomic_write
 from .recipe import TokenizerConfig, UserError
 
 __all__ = ["PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "NORMALIZATION", "TokenizerError", "Tokenizer",
@@ -143,9 +143,9 @@ class Tokenizer:
         names = ("spm",) if self.joint else ("src", "tgt")
         stale = ("src", "tgt") if self.joint else ("spm",)
         for name, sp, proto in zip(names, (self._src, self._tgt), self._protos):
-            _write_atomic(out_dir / f"{name}.model", proto)
+            atomic_write(out_dir / f"{name}.model", proto)
             vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-            _write_atomic(out_dir / f"{name}.vocab", vocab.encode("utf-8"))
+            atomic_write(out_dir / f"{name}.vocab", vocab.encode("utf-8"))
         for name in stale:  # never leave both layouts in one directory
             for suffix in (".model", ".vocab"):
                 (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
@@ -168,25 +168,6 @@ def _read(path: Path) -> bytes:
     data = path.read_bytes()
     _processor(data, str(path))  # validate here so the message names the full path
     return data
-
-
-def set_default_mode(fd: int) -> None:
-    """Give a mkstemp file (mode 0600) the permissions a plainly created file would have (0666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    set_default_mode(fd)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------- training

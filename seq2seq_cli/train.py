@@ -23,23 +23,32 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from . import distributed as dist
-from .checkpoint import (CheckpointError, RunDir, average_checkpoints, link_checkpoint, load_checkpoint, prune_checkpoints,
-                         save_checkpoint, step_checkpoints)
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    RunDir,
+    TrainingState,
+    average_checkpoints,
+    link_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_checkpoints,
+)
 from .data import DataError, EncodedCorpus, ParallelText, collate, encode_pairs, make_batches, read_split, shard_batches
 from .loss import label_smoothed_nll
 from .model import Seq2SeqTransformer, build_model
 from .recipe import Recipe
 from .schedule import make_scheduler
-from .score import corpus_scores
-from .search import SearchOptions
+from .score import dev_scores
+from .search import translate_ids
 from .tokenizer import Tokenizer
-from .translate import translate_ids
 
 __all__ = ["train", "TrainResult", "TrainingInterrupted"]
 
@@ -76,6 +85,90 @@ class _Position:
     bad_validations: int = 0
 
 
+@dataclass
+class Corpora:
+    """The encoded training pairs (with their lengths) and the dev set, if any."""
+
+    train: EncodedCorpus
+    src_lens: list[int]
+    tgt_lens: list[int]
+    dev_text: Optional[ParallelText] = None
+    dev: Optional[EncodedCorpus] = None
+
+
+def load_corpora(recipe: Recipe, tok: Tokenizer, report: bool) -> Corpora:
+    """Read, encode and filter the training split; read the dev split (long lines truncated)."""
+    d = recipe.data
+    text = read_split(d.train, d.encoding_errors)
+    train = encode_pairs(text, tok, d.max_len, d.max_len_ratio)
+    if len(train) == 0:
+        raise DataError(f"{d.train.src or d.train.tsv}: no training pair is shorter than data.max_len={d.max_len}")
+    if report:
+        log.info("train: %d pairs kept, %d blank skipped, %d longer than %d dropped, %d dropped by ratio",
+                 len(train), text.blank_pairs, train.dropped_too_long, d.max_len, train.dropped_ratio)
+    corpora = Corpora(train, [len(s) for s in train.src], [len(t) for t in train.tgt])
+    if d.dev is not None:
+        corpora.dev_text = read_split(d.dev, d.encoding_errors)
+        corpora.dev = encode_pairs(corpora.dev_text, tok, recipe.model.max_positions, filter_long=False,
+                                   truncate=True)
+    return corpora
+
+
+class Validator:
+    """Dev loss and perplexity (teacher forced) and BLEU / chrF of real decodes of the dev set.
+
+    Decodes with the recipe's decode settings, beam `train.valid_beam`, 1-best, on at most
+    `train.valid_max_sentences` lines, through the search room's batched entry point.
+    """
+
+    def __init__(self, recipe: Recipe, tok: Tokenizer, text: ParallelText, dev: EncodedCorpus,
+                 device: torch.device, autocast: Any) -> None:
+        self.recipe, self.tok, self.text, self.dev, self.device, self.autocast = \
+            recipe, tok, text, dev, device, autocast
+        self.opts = recipe.decode.model_copy(update={"beam": recipe.train.valid_beam, "n_best": 1, "sample": False})
+
+    def dev_nll(self, model: Seq2SeqTransformer) -> float:
+        """Mean negative log-likelihood per target token (EOS included), no label smoothing."""
+        tok, nll_sum, n_tok = self.tok, 0.0, 0
+        lens = [len(s) for s in self.dev.src]
+        for idx in make_batches(lens, [len(t) for t in self.dev.tgt], self.recipe.train.batch_tokens, 0, 0):
+            b = collate(self.dev, idx, tok.pad_id, tok.bos_id, tok.eos_id).to(self.device)
+            keep = b.tgt_out.ne(tok.pad_id)
+            with self.autocast():
+                logits = model(b.src, b.tgt_in, keep)
+            _, nll, n = label_smoothed_nll(logits, b.tgt_out[keep], 0.0, tok.pad_id)
+            nll_sum, n_tok = nll_sum + float(nll), n_tok + n
+        return nll_sum / max(1, n_tok)
+
+    def __call__(self, model: Seq2SeqTransformer) -> dict[str, float]:
+        model.eval()
+        with torch.inference_mode():
+            dev_loss = self.dev_nll(model)
+        limit = self.recipe.train.valid_max_sentences or len(self.dev)
+        hyps = translate_ids(model, self.dev.src[:limit], self.opts, self.device, self.tok.pad_id,
+                             context=self.autocast)
+        system = [self.tok.decode_tgt(h[0].tokens) if h else "" for h in hyps]
+        return {"dev_nll": dev_loss, "dev_ppl": math.exp(min(dev_loss, 50.0)),
+                **dev_scores(system, self.text.tgt[:limit])}
+
+
+@dataclass
+class _Window:
+    """Sums over the updates since the last training log line."""
+
+    loss: float = 0.0
+    nll: float = 0.0
+    tgt: int = 0
+    src: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, nll: float, tgt: int, src: int) -> None:
+        self.loss, self.nll, self.tgt, self.src = self.loss + loss, self.nll + nll, self.tgt + tgt, self.src + src
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
 class Trainer:
     """Holds the model, optimizer and data of one run; `run()` trains until a budget ends."""
 
@@ -89,7 +182,7 @@ class Trainer:
         self.run_dir = RunDir(recipe.output_dir)
         self.progress = progress and self.main
         self.tok = Tokenizer.load(self.run_dir.tokenizer)
-        self._load_data()
+        self.data = load_corpora(recipe, self.tok, self.main)
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)
         self.model: Seq2SeqTransformer = build_model(recipe.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size,
@@ -104,49 +197,34 @@ class Trainer:
         self.ddp = dist.wrap(self.model, self.ctx, self.device)
         self.stop_signal: Optional[int] = None
         self.saved_step = self.pos.step if self.run_dir.last.exists() else -1
+        self.validate: Optional[Validator] = None
+        if self.data.dev is not None and self.data.dev_text is not None:
+            self.validate = Validator(recipe, self.tok, self.data.dev_text, self.data.dev, self.device,
+                                      self._autocast)
 
     # ------------------------------------------------------------------------------ setup
-    def _load_data(self) -> None:
-        d = self.recipe.data
-        text = read_split(d.train, d.encoding_errors)
-        self.train_data = encode_pairs(text, self.tok, d.max_len, d.max_len_ratio)
-        if len(self.train_data) == 0:
-            raise DataError(f"{d.train.src or d.train.tsv}: no training pair is shorter than data.max_len={d.max_len}")
-        self.src_lens = [len(s) for s in self.train_data.src]
-        self.tgt_lens = [len(t) for t in self.train_data.tgt]
-        if self.main:
-            log.info("train: %d pairs kept, %d blank skipped, %d longer than %d dropped, %d dropped by ratio",
-                     len(self.train_data), text.blank_pairs, self.train_data.dropped_too_long, d.max_len,
-                     self.train_data.dropped_ratio)
-        self.dev_text: Optional[ParallelText] = None
-        self.dev_data: Optional[EncodedCorpus] = None
-        if d.dev is not None:
-            self.dev_text = read_split(d.dev, d.encoding_errors)
-            self.dev_data = encode_pairs(self.dev_text, self.tok, self.recipe.model.max_positions,
-                                         filter_long=False, truncate=True)
-
     def _resume(self) -> None:
+        """Restore weights, optimizer, schedule, RNG states and the position from last.pt."""
         if not self.run_dir.last.exists():
             return
         ckpt = load_checkpoint(self.run_dir.last)
-        s = ckpt.state
-        if "optimizer" not in s:
+        t = ckpt.training
+        if t is None:
             raise CheckpointError(f"{ckpt.path}: has no optimizer state; cannot resume from it")
         try:
-            self.model.load_state_dict(s["model"])
+            self.model.load_state_dict(dict(ckpt.weights))
         except RuntimeError:
             raise CheckpointError(f"{ckpt.path}: was trained with another model shape or tokenizer; use a new "
                                   "output_dir or remove its checkpoints") from None
-        self.optimizer.load_state_dict(s["optimizer"])
-        self.scheduler.load_state_dict(s["scheduler"])
-        if s.get("scaler"):
-            self.scaler.load_state_dict(s["scaler"])
-        self.pos = _Position(**s["position"])
-        rng = s["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.optimizer.load_state_dict(t.optimizer)
+        self.scheduler.load_state_dict(t.scheduler)
+        if t.scaler:
+            self.scaler.load_state_dict(t.scaler)
+        self.pos = _Position(**t.position)
+        torch.set_rng_state(t.rng["torch"])
+        random.setstate(t.rng["python"])
+        if t.rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(t.rng["cuda"], self.device)
         if self.main:
             log.info("resuming from %s at step %d (epoch %d)", ckpt.path, self.pos.step, self.pos.epoch + 1)
 
@@ -160,7 +238,7 @@ class Trainer:
     def _update(self, group: list[list[int]]) -> tuple[float, float, int, int]:
         """One optimizer update over micro-batches `group`; returns (loss_sum, nll_sum, n_tgt, n_src)."""
         tok = self.tok
-        micro = [collate(self.train_data, idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group]
+        micro = [collate(self.data.train, idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group]
         local_tgt = sum(b.n_tgt for b in micro)
         total_tgt = dist.all_reduce_sum(local_tgt, self.ctx, self.device)
         scale = self.ctx.world / total_tgt  # DDP averages gradients over ranks: undo it, divide by all tokens
@@ -185,31 +263,6 @@ class Trainer:
         return loss_sum, nll_sum, local_tgt, sum(b.n_src for b in micro)
 
     # ------------------------------------------------------------------------------ validation
-    def validate(self) -> dict[str, Any]:
-        """Dev loss / perplexity (teacher forced) and BLEU / chrF of real decodes."""
-        assert self.dev_data is not None and self.dev_text is not None
-        self.model.eval()
-        tok, nll_sum, n_tok = self.tok, 0.0, 0
-        lens = [len(s) for s in self.dev_data.src]
-        with torch.inference_mode():
-            for idx in make_batches(lens, [len(t) for t in self.dev_data.tgt], self.cfg.batch_tokens, 0, 0):
-                b = collate(self.dev_data, idx, tok.pad_id, tok.bos_id, tok.eos_id).to(self.device)
-                keep = b.tgt_out.ne(tok.pad_id)
-                with self._autocast():
-                    logits = self.model(b.src, b.tgt_in, keep)
-                _, nll, n = label_smoothed_nll(logits, b.tgt_out[keep], 0.0, tok.pad_id)
-                nll_sum, n_tok = nll_sum + float(nll), n_tok + n
-        limit = self.cfg.valid_max_sentences or len(self.dev_data)
-        opts = SearchOptions.from_config(self.recipe.decode, beam=self.cfg.valid_beam, n_best=1, sample=False)
-        with self._autocast():
-            hyps = translate_ids(self.model, self.dev_data.src[:limit], opts, self.recipe.decode.batch_tokens,
-                                 self.device, tok.pad_id)
-        sys_out = [tok.decode_tgt(h[0].tokens) if h else "" for h in hyps]
-        refs = [self.dev_text.tgt[:limit]]
-        scores = {k: m.score for k, m in zip(("bleu", "chrf"), corpus_scores(sys_out, refs, ("bleu", "chrf")))}
-        dev_loss = nll_sum / max(1, n_tok)
-        return {"dev_nll": dev_loss, "dev_ppl": math.exp(min(dev_loss, 50.0)), **scores}
-
     def _is_better(self, score: float) -> bool:
         best = self.pos.best_score
         if best is None:
@@ -217,14 +270,13 @@ class Trainer:
         return score < best if self.cfg.best_metric == "loss" else score > best
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict[str, Any]:
+    def _checkpoint(self) -> Checkpoint:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        return {"step": self.pos.step, "position": dict(self.pos.__dict__),
-                "recipe": self.recipe.model_dump(mode="json"), "decode": self.recipe.decode.model_dump(mode="json"),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() or None,
-                "rng": rng, "tokenizer": self.tok.to_state()}
+        training = TrainingState(dict(self.pos.__dict__), self.optimizer.state_dict(), self.scheduler.state_dict(),
+                                 rng, self.scaler.state_dict() or None)
+        return Checkpoint(self.recipe, self.model.state_dict(), self.tok.to_state(), self.recipe.decode,
+                          self.pos.step, training)
 
     def save(self, best: bool = False) -> None:
         """Write step-N.pt, point last.pt (and best.pt) at it, keep the newest keep_last files."""
@@ -232,7 +284,7 @@ class Trainer:
         if not self.main:
             return
         path = self.run_dir.step_file(self.pos.step)
-        save_checkpoint(path, self._state())
+        save_checkpoint(path, self._checkpoint())
         link_checkpoint(path, self.run_dir.last)
         if best:
             link_checkpoint(path, self.run_dir.best)
@@ -272,7 +324,7 @@ class Trainer:
         return self._finish(reason)
 
     def _epoch_groups(self) -> list[list[list[int]]]:
-        batches = make_batches(self.src_lens, self.tgt_lens, self.cfg.batch_tokens, self.recipe.seed, self.pos.epoch)
+        batches = make_batches(self.data.src_lens, self.data.tgt_lens, self.cfg.batch_tokens, self.recipe.seed, self.pos.epoch)
         acc, world = self.cfg.accum_steps, self.ctx.world
         mine = shard_batches(batches, self.ctx.rank, world, acc)
         if not mine:
@@ -280,55 +332,59 @@ class Trainer:
         return [mine[i: i + acc] for i in range(0, len(mine), acc)]
 
     def _loop(self, bar) -> str:
-        window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "t": time.perf_counter()}
+        """Update until a budget ends: update, log, validate, clock, signal, budget — per step."""
+        window = _Window()
         self._tick = time.perf_counter()
-        reason = self._budget_left()
-        while reason is None:
-            groups = self._epoch_groups()
-            per_step = self.ctx.world * self.cfg.accum_steps
-            for group in groups[self.pos.batches_done // per_step:]:
-                loss, nll, n_tgt, n_src = self._update(group)
+        while (reason := self._budget_left()) is None:
+            for group in self._remaining_groups():
+                window.add(*self._update(group))
                 self.pos.step += 1
-                self.pos.batches_done += per_step
-                for k, v in zip(("loss", "nll", "tgt", "src"), (loss, nll, n_tgt, n_src)):
-                    window[k] += v
+                self.pos.batches_done += self.ctx.world * self.cfg.accum_steps
                 if self.pos.step % self.cfg.log_every == 0:
                     self._log_train(window, bar)
-                if self.dev_data is not None and self.pos.step % self.cfg.valid_every == 0:
+                if self.validate is not None and self.pos.step % self.cfg.valid_every == 0:
                     if self._validate_and_save():
                         return "early_stopping"
-                now = time.perf_counter()  # wall time, validation included, agreed across ranks
-                self.pos.seconds += dist.max_across(now - self._tick, self.ctx, self.device)
-                self._tick = now
+                self._advance_clock()
                 bar.update(self.pos)
-                if self.stop_signal is not None:
-                    self.save()
-                    raise TrainingInterrupted(self.stop_signal)
-                reason = self._budget_left()
-                if reason:
+                self._stop_if_signalled()
+                if (reason := self._budget_left()) is not None:
                     return reason
             self.pos.epoch += 1
             self.pos.batches_done = 0
-            reason = self._budget_left()
         return reason
 
-    def _log_train(self, w: dict, bar) -> None:
-        stats = dist.all_reduce_list([w["loss"], w["nll"], w["tgt"], w["src"]], self.ctx, self.device)
-        elapsed = time.perf_counter() - w["t"]
-        loss, nll, tgt, src = stats
+    def _remaining_groups(self) -> list[list[list[int]]]:
+        """This epoch's update groups not yet done (a resumed run skips those it already trained on)."""
+        return self._epoch_groups()[self.pos.batches_done // (self.ctx.world * self.cfg.accum_steps):]
+
+    def _advance_clock(self) -> None:
+        """Add the wall time since the last step (validation included), agreed across ranks."""
+        now = time.perf_counter()
+        self.pos.seconds += dist.max_across(now - self._tick, self.ctx, self.device)
+        self._tick = now
+
+    def _stop_if_signalled(self) -> None:
+        if self.stop_signal is not None:
+            self.save()
+            raise TrainingInterrupted(self.stop_signal)
+
+    def _log_train(self, w: "_Window", bar) -> None:
+        loss, nll, tgt, src = dist.all_reduce_list([w.loss, w.nll, w.tgt, w.src], self.ctx, self.device)
+        elapsed = time.perf_counter() - w.start
         rec = {"type": "train", "step": self.pos.step, "epoch": self.pos.epoch + 1,
                "lr": self.scheduler.get_last_lr()[0], "loss": loss / max(tgt, 1), "nll": nll / max(tgt, 1),
                "ppl": math.exp(min(nll / max(tgt, 1), 50.0)), "tokens_per_s": (tgt + src) / max(elapsed, 1e-9),
                "tgt_tokens": int(tgt), "minutes": self.pos.seconds / 60}
         self.log_record(rec)
         bar.train_record(rec)
-        w.update(loss=0.0, nll=0.0, tgt=0, src=0, t=time.perf_counter())
+        w.reset()
 
     def _validate_and_save(self) -> bool:
         """Validate on rank 0, save, and agree on early stopping across ranks. True = stop."""
         stop = False
         if self.main:
-            metrics = self.validate()
+            metrics = self.validate(self.model)  # type: ignore[misc]
             score = metrics["dev_nll"] if self.cfg.best_metric == "loss" else metrics[self.cfg.best_metric]
             better = self._is_better(score)
             if better:
@@ -352,11 +408,11 @@ class Trainer:
         paths = step_checkpoints(self.run_dir.checkpoints)[-self.cfg.average_last:]
         averaged = average_checkpoints(paths)
         save_checkpoint(self.run_dir.average, averaged)
-        if self.dev_data is None or len(paths) < 2:
+        if self.validate is None or len(paths) < 2:
             return
         trained = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(averaged["model"])
-        metrics = self.validate()
+        self.model.load_state_dict(dict(averaged.weights))
+        metrics = self.validate(self.model)  # type: ignore[misc]
         self.model.load_state_dict(trained)
         score = metrics["dev_nll"] if self.cfg.best_metric == "loss" else metrics[self.cfg.best_metric]
         better = self._is_better(score)
@@ -370,10 +426,10 @@ class Trainer:
 
     def _finish(self, reason: str) -> TrainResult:
         if self.pos.step and self.saved_step != self.pos.step:
-            if self.dev_data is not None and reason != "early_stopping":
+            if self.validate is not None and reason != "early_stopping":
                 self._validate_and_save()
             else:
-                self.save(best=self.dev_data is None)
+                self.save(best=self.validate is None)
         if self.main and self.cfg.average_last > 1:
             self._average()
         best = self.run_dir.best if self.run_dir.best.exists() else None

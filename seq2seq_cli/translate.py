@@ -4,14 +4,15 @@ Lines are sorted by length into token-budgeted batches for speed and restored to
 input is consumed in windows so a file of any size is translated with bounded memory. Empty
 lines give empty translations without touching the model; lines longer than the model's
 position limit are truncated and counted. Streaming mode translates each line as soon as it
-arrives.
+arrives. The settings are one `recipe.DecodeConfig`, resolved once (`recipe.resolve_decode`).
 
 Precision: fp32; bf16 (autocast: matmuls in bf16, softmax/norms and the search in fp32); int8
 (every nn.Linear replaced by a dynamically quantised one: int8 weights per tensor, activations
 quantised per batch on the fly, int32 accumulation; CPU only), with attention and its cached keys/
 values in bf16 autocast where the CPU computes bf16 natively. Embeddings stay fp32.
 
-This room does not train. Public names: Translator, batch_by_tokens, translate_ids, set_precision.
+This room does not train. Public names: Translator, TranslateStats, set_precision, native_bf16,
+format_hypotheses, run_decode.
 """
 
 from __future__ import annotations
@@ -19,46 +20,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .data import DataError, clean_line
-from .search import Ensemble, Hypothesis, SearchOptions, search
+from .recipe import DecodeConfig, resolve_decode
+from .search import Ensemble, Hypothesis, translate_ids
 from .tokenizer import Tokenizer
 
-__all__ = ["Translator", "batch_by_tokens", "translate_ids", "TranslateStats", "set_precision", "PRECISIONS"]
-
-PRECISIONS = ("fp32", "bf16", "int8")
+__all__ = ["Translator", "TranslateStats", "set_precision", "native_bf16", "format_hypotheses", "run_decode"]
 
 log = logging.getLogger(__name__)
 
 
-def batch_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices sorted by length (longest first) and cut so that rows * max_len <= batch_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, cur, longest = [], [], 0
-    for i in order:
-        longest_new = max(longest, lengths[i])
-        if cur and (len(cur) + 1) * longest_new > batch_tokens:
-            batches.append(cur)
-            cur, longest_new = [], lengths[i]
-        cur.append(i)
-        longest = longest_new
-    if cur:
-        batches.append(cur)
-    return batches
-
-
 def set_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
     """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy)."""
-    if precision not in PRECISIONS:
-        raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "bf16":
         # autocast would cast every weight at every call: cast the matmul weights once instead
         # (LayerNorm keeps fp32; autocast still runs norms, softmax and the residual stream in fp32)
@@ -83,55 +63,6 @@ def native_bf16() -> bool:
                                                                        "_is_amx_tile_supported"))
 
 
-def translate_ids(model, src_ids: Sequence[list[int]], opts: SearchOptions, batch_tokens: int,
-                  device: torch.device, pad_id: int,
-                  on_batch: Optional[Callable[[int, int], None]] = None, workers: int = 1,
-                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                  ) -> list[list[Hypothesis]]:
-    """Search every source (ids ending in EOS), batched by length; results in input order.
-
-    The token budget is divided by the beam size, since each sentence occupies `beam` rows.
-    `workers` > 1 searches that many batches at once, each in its own thread (PyTorch releases
-    the GIL inside its kernels), with the caller's intra-op threads shared out among them; the
-    result does not depend on it, since every batch is searched on its own. `context()` is
-    entered in each thread (autocast is per thread). `on_batch(n_sentences, n_target_tokens)` is
-    called after each batch, in order, from the calling thread (progress).
-    """
-    out: list[list[Hypothesis]] = [[] for _ in src_ids]
-    per_row = max(1, batch_tokens // max(1, opts.beam if not opts.sample else opts.n_best))
-    batches = batch_by_tokens([len(s) for s in src_ids], per_row)
-
-    def run(index: list[int]) -> list[list[Hypothesis]]:
-        rows = [src_ids[i] for i in index]
-        src = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
-        for r, ids in enumerate(rows):
-            src[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        with torch.inference_mode(), context():
-            return search(model, src.to(device), opts)
-
-    def done(index: list[int], hyps: list[list[Hypothesis]]) -> None:
-        for i, h in zip(index, hyps):
-            out[i] = h
-        if on_batch is not None:
-            on_batch(len(index), sum(len(h[0].tokens) + 1 for h in hyps if h))
-
-    workers = max(1, min(workers, len(batches)))
-    if workers == 1:
-        for index in batches:
-            done(index, run(index))
-        return out
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // workers))  # read by each new worker thread
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
-    try:
-        for index, hyps in zip(batches, pool.map(run, batches)):
-            done(index, hyps)
-    finally:  # on an error or Ctrl-C, queued batches are dropped; running ones end with their batch
-        pool.shutdown(wait=False, cancel_futures=True)
-        torch.set_num_threads(threads)
-    return out
-
-
 @dataclass
 class TranslateStats:
     """Counts reported at the end of a decode."""
@@ -141,34 +72,36 @@ class TranslateStats:
     truncated: int = 0
     target_tokens: int = 0
     truncated_lines: list[int] = field(default_factory=list)
+    config: Optional[DecodeConfig] = None  # the settings in force
 
 
 class Translator:
-    """Load one checkpoint (or an ensemble) and translate raw text lines."""
+    """Load one checkpoint (or an ensemble) and translate raw text lines.
+
+    `config` is the DecodeConfig in force: the first checkpoint's stored one with `recipe`'s
+    explicit keys and the `options` given (see `recipe.resolve_decode`). Its precision and
+    workers are fixed here; the search fields may be varied per call (`options`).
+    """
 
     def __init__(self, paths: Sequence[Path], device: str = "cpu", threads: int = 0,
-                 precision: Optional[str] = None, workers: Optional[int] = None) -> None:
+                 options: Optional[dict[str, Any]] = None, recipe: Optional[DecodeConfig] = None) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         ckpts = [load_checkpoint(p, mmap=True) for p in paths]
+        self.config = resolve_decode(ckpts[0].decode, recipe, options)
         loaded = [load_model(c, self.device) for c in ckpts]
         self.tokenizer: Tokenizer = loaded[0][1]
         for c, (_, tok) in zip(ckpts[1:], loaded[1:]):
             if tok.to_state() != self.tokenizer.to_state():
                 raise CheckpointError(f"{c.path}: an ensemble needs one tokenizer; this checkpoint has another")
         self.recipe = ckpts[0].recipe
-        self.decode_defaults = ckpts[0].state.get("decode") or self.recipe.decode.model_dump()
-        self.precision = precision or self.decode_defaults.get("precision", "fp32")
+        self.precision = self.config.precision
         models = [set_precision(m, self.precision, self.device) for m, _ in loaded]
         self.model = models[0] if len(models) == 1 else Ensemble(models)
         self.max_src = min(m.cfg.max_positions for m in models) - 1
-        self.stats = TranslateStats()
-        if workers is None:
-            workers = int(self.decode_defaults.get("workers", 0))
-        if workers < 0:
-            raise DataError(f"workers must be 0 (auto) or more, not {workers}")
-        self.workers = workers or self.auto_workers(self.device)
+        self.stats = TranslateStats(config=self.config)
+        self.workers = self.config.workers or self.auto_workers(self.device)
 
     @staticmethod
     def auto_workers(device: torch.device) -> int:
@@ -180,11 +113,6 @@ class Translator:
         """
         return 1 if device.type != "cpu" else max(1, min(4, torch.get_num_threads()))
 
-    @property
-    def batch_tokens(self) -> int:
-        """The decode batch budget stored in the checkpoint."""
-        return int(self.decode_defaults.get("batch_tokens", 4096))
-
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for bf16; for int8 too on a CPU with native bf16 (AVX-512 BF16 or AMX),
         where it runs what is not quantised (attention, its caches) in bf16: the quantised
@@ -193,10 +121,9 @@ class Translator:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def options(self, **overrides) -> SearchOptions:
-        """Search options: the checkpoint's decode defaults, then non-None overrides."""
-        values = {**self.decode_defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        return SearchOptions.from_config(SimpleNamespace(**values))
+    def options(self, **changes: Any) -> DecodeConfig:
+        """The config in force with some search fields changed (None = unchanged), validated."""
+        return resolve_decode(self.config, None, changes)
 
     def encode(self, line: str, line_no: int) -> list[int]:
         """Source ids (+EOS) of an already cleaned line, truncated to the model's limit."""
@@ -208,16 +135,17 @@ class Translator:
             ids = ids[: self.max_src]
         return ids + [self.tokenizer.eos_id]
 
-    def translate_window(self, lines: Sequence[str], opts: SearchOptions, batch_tokens: int,
-                         first_line_no: int = 1,
+    def translate_window(self, lines: Sequence[str], opts: Optional[DecodeConfig] = None, first_line_no: int = 1,
                          on_batch: Optional[Callable[[int, int], None]] = None) -> list[list[Hypothesis]]:
-        """Translate a list of lines; empty ones give an empty hypothesis list."""
+        """Translate a list of lines (with `opts`, default the config in force); empty ones give an
+        empty hypothesis list."""
+        opts = opts or self.config
         cleaned = [clean_line(x) for x in lines]
         todo = [i for i, x in enumerate(cleaned) if x]
         self.stats.lines += len(lines)
         self.stats.empty += len(lines) - len(todo)
         ids = [self.encode(cleaned[i], first_line_no + i) for i in todo]
-        hyps = translate_ids(self.model, ids, opts, batch_tokens, self.device, self.tokenizer.pad_id, on_batch,
+        hyps = translate_ids(self.model, ids, opts, self.device, self.tokenizer.pad_id, on_batch,
                              self.workers, self.autocast)
         out: list[list[Hypothesis]] = [[] for _ in lines]
         for i, h in zip(todo, hyps):
@@ -227,22 +155,6 @@ class Translator:
 
     def detok(self, hyp: Hypothesis) -> str:
         return self.tokenizer.decode_tgt(hyp.tokens)
-
-    def translate_stream(self, lines: Iterable[str], opts: SearchOptions, batch_tokens: int,
-                         window: int = 2000, on_batch: Optional[Callable[[int, int], None]] = None
-                         ) -> Iterator[list[Hypothesis]]:
-        """Yield the hypotheses of each input line in order, reading `window` lines at a time
-        (window=1 translates each line as soon as it is read)."""
-        buf: list[str] = []
-        line_no = 1
-        for line in lines:
-            buf.append(line)
-            if len(buf) >= window:
-                yield from self.translate_window(buf, opts, batch_tokens, line_no, on_batch)
-                line_no += len(buf)
-                buf = []
-        if buf:
-            yield from self.translate_window(buf, opts, batch_tokens, line_no, on_batch)
 
 
 def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int, n_best: int) -> list[str]:
@@ -254,27 +166,24 @@ def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int
     return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" for h in hyps[:n_best]]
 
 
-def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, batch_tokens: Optional[int],
-               stream: bool, device: str, threads: int, encoding_errors: str,
-               precision: Optional[str] = None, workers: Optional[int] = None) -> TranslateStats:
-    """The `translate decode` workflow: read lines, translate in order, write atomically, report."""
+def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str, Any], stream: bool = False,
+               device: str = "auto", threads: int = 0, encoding_errors: str = "strict",
+               recipe: Optional[DecodeConfig] = None) -> TranslateStats:
+    """The `translate decode` workflow: read lines, translate in order, write atomically, report.
+
+    `options` are the command line's decoding settings (None = not given); `recipe` a recipe's
+    decode section whose explicit keys rank below them (`translate run`).
+    """
     import sys
     import time
 
-    from .textio import AtomicOutput, file_chunks, stdin_chunks
     from .distributed import pick_device
+    from .textio import AtomicOutput, file_chunks, stdin_chunks
 
     if encoding_errors not in ("strict", "replace"):
         raise DataError(f"--encoding-errors must be strict or replace, not {encoding_errors!r}")
-    if overrides.get("length_penalty") not in (None, "gnmt", "power"):
-        raise DataError(f"--length-penalty must be gnmt or power, not {overrides['length_penalty']!r}")
-    if precision is not None and precision not in PRECISIONS:
-        raise DataError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    translator = Translator(paths, str(pick_device(device)), threads, precision, workers)
-    opts = translator.options(**overrides)
-    if opts.n_best > opts.beam and not opts.sample:
-        raise DataError(f"--n-best ({opts.n_best}) must not exceed --beam ({opts.beam})")
-    budget = batch_tokens or translator.batch_tokens
+    translator = Translator(paths, str(pick_device(device)), threads, options, recipe)
+    n_best = translator.config.n_best
     counts: dict = {}
     from_stdin = input == "-"
     if from_stdin:
@@ -285,8 +194,8 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
     start, index = time.perf_counter(), 0
     try:
         for chunk in chunks:
-            hyps = translator.translate_window(chunk, opts, budget, index + 1)
-            rows = [r for i, h in enumerate(hyps) for r in format_hypotheses(translator, h, index + i, opts.n_best)]
+            hyps = translator.translate_window(chunk, None, index + 1)
+            rows = [r for i, h in enumerate(hyps) for r in format_hypotheses(translator, h, index + i, n_best)]
             out.write_lines(rows, flush=from_stdin or output == "-")
             index += len(chunk)
             if not from_stdin:

@@ -13,6 +13,7 @@ Public names: tune.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -20,7 +21,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import read_lines, read_split
-from .score import check_same_length, corpus_scores
+from .score import check_same_length, dev_scores
 from .translate import Translator
 
 __all__ = ["tune"]
@@ -45,11 +46,9 @@ def _dev_text(translator: Translator, src: Optional[Path], ref: Optional[Path],
     return lines[:n], refs[:n]
 
 
-def _bleu(translator: Translator, lines: list[str], refs: list[str], batch_tokens: int, **opts: Any) -> float:
-    options = translator.options(n_best=1, sample=False, **opts)
-    hyps = translator.translate_window(lines, options, batch_tokens)
-    out = [translator.detok(h[0]) if h else "" for h in hyps]
-    return corpus_scores(out, [refs], ("bleu",))[0].score
+def _bleu(translator: Translator, lines: list[str], refs: list[str], **opts: Any) -> float:
+    hyps = translator.translate_window(lines, translator.options(n_best=1, sample=False, **opts))
+    return dev_scores([translator.detok(h[0]) if h else "" for h in hyps], refs, ("bleu",))["bleu"]
 
 
 def tune(path: Path, beams: Sequence[int], alphas: Sequence[float], betas: Sequence[float],
@@ -58,12 +57,11 @@ def tune(path: Path, beams: Sequence[int], alphas: Sequence[float], betas: Seque
     """Grid-search decode settings on dev; write the best into the checkpoint (or `output`)."""
     translator = Translator([path], device, threads)
     lines, refs = _dev_text(translator, src, ref, max_sentences)
-    budget = translator.batch_tokens
     trials: list[dict[str, Any]] = []
 
     def trial(beam: int, alpha: float, beta: float) -> None:
         with torch.inference_mode():
-            score = _bleu(translator, lines, refs, budget, beam=beam, alpha=alpha, beta=beta)
+            score = _bleu(translator, lines, refs, beam=beam, alpha=alpha, beta=beta)
         trials.append({"beam": beam, "alpha": alpha, "beta": beta, "bleu": round(score, 2)})
         log.info("beam %d alpha %.2f beta %.2f: dev BLEU %.2f", beam, alpha, beta, score)
 
@@ -76,8 +74,8 @@ def tune(path: Path, beams: Sequence[int], alphas: Sequence[float], betas: Seque
             trial(best["beam"], best["alpha"], beta)
     best = max(trials, key=lambda t: (t["bleu"], -t["beam"]))
     ckpt = load_checkpoint(path)
-    decode = {**translator.decode_defaults, "beam": best["beam"], "alpha": best["alpha"], "beta": best["beta"],
-              "n_best": 1, "sample": False}
+    decode = ckpt.decode.model_copy(update={"beam": best["beam"], "alpha": best["alpha"], "beta": best["beta"],
+                                            "n_best": 1, "sample": False})
     target = output or path
-    save_checkpoint(target, {**{k: v for k, v in ckpt.state.items() if k != "format_version"}, "decode": decode})
+    save_checkpoint(target, replace(ckpt, decode=decode))
     return {"best": best, "trials": trials, "dev_sentences": len(lines), "checkpoint": str(target)}

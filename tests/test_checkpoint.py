@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from seq2seq_cli.checkpoint import (FORMAT_VERSION, CheckpointError, average_checkpoints, load_checkpoint,
-                                    load_model, prune_checkpoints, save_checkpoint, step_checkpoints)
+from seq2seq_cli.checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    average_checkpoints,
+    load_checkpoint,
+    load_model,
+    prune_checkpoints,
+    save_checkpoint,
+    step_checkpoints,
+)
 from seq2seq_cli.translate import Translator
 
 SENTENCES = ["one two three", "", "the king and the queen", "water fire earth light dark day"]
@@ -23,11 +34,17 @@ SENTENCES = ["one two three", "", "the king and the queen", "water fire earth li
 def _decode(path: Path) -> list[str]:
     t = Translator([path], "cpu", threads=1)
     opts = t.options(beam=2)
-    return [t.detok(h[0]) if h else "" for h in t.translate_window(SENTENCES, opts, 4096)]
+    return [t.detok(h[0]) if h else "" for h in t.translate_window(SENTENCES, opts.model_copy(update={"batch_tokens": 4096}))]
 
 
 def _state(path: Path) -> dict:
-    return dict(load_checkpoint(path).state)
+    """The raw dict of a checkpoint file (to forge or corrupt one as an attacker or editor would)."""
+    return dict(torch.load(path, weights_only=True))
+
+
+def _tiny(step: int, value: float, e2e) -> Checkpoint:
+    base = load_checkpoint(e2e.last)
+    return replace(base, weights={"w": torch.full((3,), value)}, step=step, training=None)
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -37,13 +54,13 @@ def _leftovers(directory: Path) -> list[str]:
 def test_round_trip_keeps_weights_and_decodes_the_same(e2e, tmp_path: Path) -> None:
     original = load_checkpoint(e2e.last)
     copy = tmp_path / "copy.pt"
-    state = {k: v for k, v in original.state.items() if k != "format_version"}
-    save_checkpoint(copy, state)
+    save_checkpoint(copy, original)
     again = load_checkpoint(copy)
-    assert again.state["format_version"] == FORMAT_VERSION
+    assert _state(copy)["format_version"] == FORMAT_VERSION == 2
     assert again.step == original.step == 120
-    assert again.recipe == original.recipe
-    a, b = original.state["model"], again.state["model"]
+    assert again.recipe == original.recipe and again.decode == original.decode
+    assert again.training is not None and again.training.position == original.training.position
+    a, b = original.weights, again.weights
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -59,10 +76,10 @@ def test_round_trip_keeps_weights_and_decodes_the_same(e2e, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("failure", ["disk_full", "interrupt"])
-def test_failed_save_keeps_previous_file_and_leaves_no_temp(tmp_path: Path, monkeypatch,
+def test_failed_save_keeps_previous_file_and_leaves_no_temp(e2e, tmp_path: Path, monkeypatch,
                                                             failure: str) -> None:
     target = tmp_path / "model.pt"
-    save_checkpoint(target, {"model": {"w": torch.ones(3)}, "step": 1})
+    save_checkpoint(target, _tiny(1, 1.0, e2e))
     before = target.read_bytes()
 
     def broken_save(obj, f, *args, **kwargs):
@@ -74,10 +91,10 @@ def test_failed_save_keeps_previous_file_and_leaves_no_temp(tmp_path: Path, monk
     monkeypatch.setattr(torch, "save", broken_save)
     if failure == "disk_full":
         with pytest.raises(CheckpointError, match="disk full"):
-            save_checkpoint(target, {"model": {"w": torch.zeros(3)}, "step": 2})
+            save_checkpoint(target, _tiny(2, 0.0, e2e))
     else:
         with pytest.raises(KeyboardInterrupt):
-            save_checkpoint(target, {"model": {"w": torch.zeros(3)}, "step": 2})
+            save_checkpoint(target, _tiny(2, 0.0, e2e))
     monkeypatch.undo()
     assert target.read_bytes() == before
     assert torch.equal(torch.load(target, weights_only=True)["model"]["w"], torch.ones(3))
@@ -89,9 +106,57 @@ def test_unknown_format_version_is_refused_naming_it(e2e, tmp_path: Path) -> Non
     state["format_version"] = 99
     path = tmp_path / "future.pt"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"format_version 99\b") as info:
+    with pytest.raises(CheckpointError, match=r"format_version 99 was written by a newer translate") as info:
         load_checkpoint(path)
-    assert str(path) in str(info.value)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_format_1_files_are_still_read(e2e, tmp_path: Path) -> None:
+    """Format 1 (before the hash; training keys at the top level) loads and resumes as before."""
+    state = _state(e2e.last)
+    training = state.pop("training")
+    old = {**state, **training, "format_version": 1, "position": training["position"]}
+    del old["content_sha256"]
+    path = tmp_path / "v1.pt"
+    torch.save(old, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.training is not None and ckpt.training.position == training["position"]
+    assert _decode(path) == _decode(e2e.last)
+
+
+def test_flipped_byte_in_the_weights_is_refused(e2e, tmp_path: Path) -> None:
+    """One bit changed inside a weight's bytes: torch still loads the file, the hash refuses it."""
+    weights = load_checkpoint(e2e.last).weights
+    name = next(k for k, v in weights.items() if k.startswith("encoder.") and v.dim() == 2)
+    needle = weights[name].reshape(-1)[:64].numpy().tobytes()
+    data = bytearray(e2e.last.read_bytes())
+    at = data.find(needle)
+    assert at > 0 and data.find(needle, at + 1) == -1, "the weight's bytes must occur once in the file"
+    data[at + 10] ^= 0x01
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["model"]  # torch itself notices nothing
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match="content hash mismatch") as info:
+            load_checkpoint(path, mmap=mmap)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    out = subprocess.run([*e2e.cli(), "decode", str(path)], input="one two\n", capture_output=True, text=True,
+                         env=e2e.env(), timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "content hash mismatch" in out.stderr
+
+
+def test_hand_edited_weights_or_tokenizer_are_refused(e2e, tmp_path: Path) -> None:
+    for part in ("model", "tokenizer"):
+        state = _state(e2e.last)
+        if part == "model":
+            name = next(k for k, v in state["model"].items() if v.is_floating_point())
+            state["model"] = {**state["model"], name: state["model"][name] * 1.001}
+        else:
+            state["tokenizer"] = {**state["tokenizer"], "src": state["tokenizer"]["src"][:-1] + b"x"}
+        path = tmp_path / f"edited-{part}.pt"
+        torch.save(state, path)
+        with pytest.raises(CheckpointError, match="content hash mismatch"):
+            load_checkpoint(path)
 
 
 @pytest.mark.parametrize("mmap", [False, True])
@@ -150,12 +215,11 @@ def test_forged_checkpoint_is_refused_without_running_code(e2e, tmp_path: Path, 
 
 
 def test_tokenizer_and_model_vocabulary_mismatch(e2e, tmp_path: Path) -> None:
-    state = _state(e2e.last)
-    emb = state["model"]["tgt_embed.weight"]
-    state["model"] = dict(state["model"])
-    state["model"]["tgt_embed.weight"] = torch.zeros(emb.size(0) + 7, emb.size(1))
+    ckpt = load_checkpoint(e2e.last)
+    emb = ckpt.weights["tgt_embed.weight"]
     path = tmp_path / "mismatch.pt"
-    torch.save(state, path)
+    save_checkpoint(path, replace(ckpt, weights={**ckpt.weights,
+                                                 "tgt_embed.weight": torch.zeros(emb.size(0) + 7, emb.size(1))}))
     ckpt = load_checkpoint(path)
     with pytest.raises(CheckpointError, match=rf"\({emb.size(0)}\).*\({emb.size(0) + 7}\)") as info:
         load_model(ckpt)
@@ -165,12 +229,12 @@ def test_tokenizer_and_model_vocabulary_mismatch(e2e, tmp_path: Path) -> None:
 def test_average_of_two_checkpoints_is_the_elementwise_mean(e2e, tmp_path: Path) -> None:
     steps = step_checkpoints(e2e.run_dir / "checkpoints")
     assert [p.name for p in steps] == ["step-60.pt", "step-120.pt"]
-    a, b = (_state(p)["model"] for p in steps)
+    a, b = (load_checkpoint(p).weights for p in steps)
     avg = average_checkpoints(steps)
-    assert "optimizer" not in avg and avg["averaged_from"] == [str(p) for p in steps]
+    assert avg.training is None and avg.averaged_from == tuple(str(p) for p in steps)
     n_float = 0
     for k, va in a.items():
-        got = avg["model"][k]
+        got = avg.weights[k]
         assert got.dtype == va.dtype and got.shape == va.shape
         if va.is_floating_point():
             n_float += 1
@@ -187,11 +251,11 @@ def test_average_of_two_checkpoints_is_the_elementwise_mean(e2e, tmp_path: Path)
 
 
 def test_average_refuses_different_shapes(e2e, tmp_path: Path) -> None:
-    other = _state(e2e.last)
-    other["model"] = {k: (torch.zeros(v.size(0) + 1, *v.shape[1:]) if k == "tgt_embed.weight" else v)
-                      for k, v in other["model"].items()}
+    ckpt = load_checkpoint(e2e.last)
+    other = {k: (torch.zeros(v.size(0) + 1, *v.shape[1:]) if k == "tgt_embed.weight" else v)
+             for k, v in ckpt.weights.items()}
     path = tmp_path / "other.pt"
-    torch.save(other, path)
+    save_checkpoint(path, replace(ckpt, weights=other))
     with pytest.raises(CheckpointError, match="cannot average"):
         average_checkpoints([e2e.last, path])
 

@@ -165,8 +165,8 @@ def test_average_command_writes_a_decodable_mean_checkpoint(e2e, tmp_path: Path)
     result = runner.invoke(app, ["average", *map(str, steps), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
-    avg = load_checkpoint(out).state["model"]
-    a, b = (load_checkpoint(p).state["model"] for p in steps)
+    avg = load_checkpoint(out).weights
+    a, b = (load_checkpoint(p).weights for p in steps)
     key = "tgt_embed.weight"
     assert not torch.equal(a[key], b[key])
     torch.testing.assert_close(avg[key], (a[key] + b[key]) / 2, rtol=0, atol=1e-6)

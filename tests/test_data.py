@@ -10,8 +10,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seq2seq_cli.data import (DataError, EncodedCorpus, ParallelText, clean_line, collate, encode_pairs,
-                              make_batches, read_lines, read_split, shard_batches)
+from seq2seq_cli.data import (
+    DataError,
+    EncodedCorpus,
+    ParallelText,
+    clean_line,
+    collate,
+    encode_pairs,
+    make_batches,
+    read_lines,
+    read_split,
+    shard_batches,
+)
 from seq2seq_cli.recipe import Split
 
 PAD, BOS, EOS = 0, 2, 3

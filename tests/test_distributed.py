@@ -24,7 +24,8 @@ import torch
 from seq2seq_cli.checkpoint import load_checkpoint
 from seq2seq_cli.data import make_batches, shard_batches
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable"),
+              pytest.mark.slow]  # the tests here start several processes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.yaml"
@@ -178,9 +179,9 @@ def test_two_processes_equal_one_process_with_accumulation(two_proc, one_proc_ac
     (d2, _), (d1, _) = two_proc, one_proc_accum2
     c2, c1 = _last(d2), _last(d1)
     assert c1.step == c2.step == K
-    assert c1.state["position"]["batches_done"] == c2.state["position"]["batches_done"] == 2 * K
-    assert _max_diff(c1.state["model"], c2.state["model"]) <= 1e-5
-    assert _max_diff(c1.state["optimizer"]["state"][0], c2.state["optimizer"]["state"][0]) <= 1e-5
+    assert c1.training.position["batches_done"] == c2.training.position["batches_done"] == 2 * K
+    assert _max_diff(c1.weights, c2.weights) <= 1e-5
+    assert _max_diff(c1.training.optimizer["state"][0], c2.training.optimizer["state"][0]) <= 1e-5
 
     # the comparison means something: the weights moved well beyond the tolerance from the init
     from seq2seq_cli.model import build_model
@@ -189,7 +190,7 @@ def test_two_processes_equal_one_process_with_accumulation(two_proc, one_proc_ac
     torch.manual_seed(c1.recipe.seed)
     init = build_model(c1.recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id, tok.bos_id,
                        tok.eos_id).state_dict()
-    assert _max_diff(init, c1.state["model"]) > 1e-3
+    assert _max_diff(init, c1.weights) > 1e-3
 
     # the logged training loss is normalised by the global batch's target tokens too
     t1 = [r for r in _metrics(d1) if r["type"] == "train"]
@@ -227,7 +228,7 @@ def resumed_in_two(fresh, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     """A 1-process run for K steps, continued to K+2 by (a) 2 processes (b) 1 process with accum 2."""
     a = fresh("resume_world")
     _train(a).check()
-    assert _last(a).step == K and _last(a).state["position"]["batches_done"] == K
+    assert _last(a).step == K and _last(a).training.position["batches_done"] == K
     b = tmp_path_factory.mktemp("resume_accum") / "run"
     shutil.copytree(a, b)
     _train(a, nproc=2, train__max_steps=K + 2).check()
@@ -239,11 +240,11 @@ def test_one_process_checkpoint_continues_in_two(resumed_in_two) -> None:
     a, b = resumed_in_two
     ca = _last(a)
     assert ca.step == K + 2
-    assert ca.state["position"]["batches_done"] == K + 2 * 2  # K single batches, then 2 updates x 2 ranks
+    assert ca.training.position["batches_done"] == K + 2 * 2  # K single batches, then 2 updates x 2 ranks
     assert _train_steps(a) == list(range(1, K + 3))
     assert [r["step"] for r in _metrics(a) if r["type"] == "valid"] == [K, K + 2]
     # the continuation consumed the same global batches as a 1-process accum-2 continuation would
-    assert _max_diff(ca.state["model"], _last(b).state["model"]) <= 1e-5
+    assert _max_diff(ca.weights, _last(b).weights) <= 1e-5
 
 
 def test_two_process_checkpoint_continues_in_one(resumed_in_two) -> None:
@@ -251,7 +252,7 @@ def test_two_process_checkpoint_continues_in_one(resumed_in_two) -> None:
     _train(a, train__max_steps=K + 4).check()
     ca = _last(a)
     assert ca.step == K + 4
-    assert ca.state["position"]["batches_done"] == K + 4 + 2
+    assert ca.training.position["batches_done"] == K + 4 + 2
     assert _train_steps(a) == list(range(1, K + 5))
 
 

@@ -1,4 +1,4 @@
-"""The house's import rules (DESIGN.md): imports point one way, recipe/cli stay torch-free."""
+"""The house's import rules (docs/ARCHITECTURE.md's table): imports point one way, recipe/cli stay torch-free."""
 
 from __future__ import annotations
 
@@ -15,37 +15,35 @@ PACKAGE = Path(seq2seq_cli.__file__).resolve().parent
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 ANY = "*"
 
-# Package modules each module may import at module level. "*" = anything except `excluding`.
-ALLOWED: dict[str, set[str]] = {
-    "__init__": set(),
-    "__main__": {"cli"},
-    "recipe": set(),
-    "loss": set(),
-    "penalties": set(),
-    "distributed": set(),
-    "schedule": {"recipe"},
-    "model": {"recipe"},
-    "tokenizer": {"recipe"},
-    "progress": {"recipe"},
-    "score": {"recipe"},
-    "data": {"recipe", "tokenizer"},
-    "textio": {"data", "tokenizer"},
-    "search": {"penalties"},
-    "checkpoint": {"recipe", "model", "tokenizer"},
-    # distributed (pick_device) is imported lazily, inside run_decode
-    "translate": {"checkpoint", "data", "search", "tokenizer", "textio"},
-    "tune": {"checkpoint", "data", "score", "translate"},
-}
-# Modules allowed to import anything except the listed ones (module level and lazily).
-ANYTHING_EXCEPT: dict[str, set[str]] = {
-    "train": {"cli", "pipeline"},
-    "launch": {"cli"},  # `translate train --nproc N` launcher: cli imports it lazily; it runs pipeline stages
-    "pipeline": {"cli"},
-    "bench": {"cli"},  # `translate bench`: drives tokenizer, trainer and translator in child processes
-    "cli": set(),
-}
-# Extra package modules a module may import inside functions only.
-LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed"}}
+ARCHITECTURE = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md"
+
+
+def architecture_table() -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, set[str]]]:
+    """The import table of docs/ARCHITECTURE.md: (module level, also lazily, anything-except) per room."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    start, end = text.index("<!-- import-table"), text.index("<!-- end import-table -->")
+    top: dict[str, set[str]] = {}
+    lazy: dict[str, set[str]] = {}
+    except_: dict[str, set[str]] = {}
+
+    def names(cell: str) -> set[str]:
+        cell = cell.strip()
+        return set() if cell in ("", "—", "(none)") else {n.strip() for n in cell.split(",")}
+
+    for line in text[start:end].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        room = cells[0].strip("`")
+        assert room not in top and room not in except_, f"{room} appears twice in the table"
+        if cells[1].startswith("anything except"):
+            except_[room] = names(cells[1].removeprefix("anything except"))
+        else:
+            top[room], lazy[room] = names(cells[1]), names(cells[2])
+    return top, lazy, except_
+
+
+ALLOWED, LAZY_EXTRA, ANYTHING_EXCEPT = architecture_table()
 
 
 def package_imports(module: str) -> tuple[set[str], set[str]]:
@@ -82,8 +80,26 @@ def package_imports(module: str) -> tuple[set[str], set[str]]:
 
 def test_table_covers_every_module() -> None:
     unknown = set(MODULES) - set(ALLOWED) - set(ANYTHING_EXCEPT)
-    assert not unknown, f"add these modules to the allowed-imports table: {sorted(unknown)}"
+    assert not unknown, f"add these modules to the import table of docs/ARCHITECTURE.md: {sorted(unknown)}"
+    stale = (set(ALLOWED) | set(ANYTHING_EXCEPT)) - set(MODULES)
+    assert not stale, f"docs/ARCHITECTURE.md lists rooms that do not exist: {sorted(stale)}"
     assert {"recipe", "model", "data", "search", "train", "translate", "cli"} <= set(MODULES)
+    assert len(ALLOWED) > 15 and {"train", "cli"} <= set(ANYTHING_EXCEPT)  # the parser really read the table
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_table_matches_the_code_exactly(module: str) -> None:
+    """A listed room's row is what it imports, no more: the document does not keep stale allowances."""
+    top, lazy = package_imports(module)
+    assert top == ALLOWED[module], f"{module}: module-level imports {sorted(top)} vs table {sorted(ALLOWED[module])}"
+    assert lazy - top == LAZY_EXTRA[module], \
+        f"{module}: lazy imports {sorted(lazy - top)} vs table {sorted(LAZY_EXTRA[module])}"
+
+
+def test_training_does_not_import_the_decoding_front_end() -> None:
+    top, lazy = package_imports("train")
+    assert not (top | lazy) & {"translate", "tune", "textio"}
+    assert "search" in top  # validation decodes through the search room directly
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -100,7 +116,7 @@ def test_allowed_imports(module: str) -> None:
 def test_visitor_sees_lazy_and_aliased_imports() -> None:
     top, lazy = package_imports("train")
     # `from . import distributed` counts as importing the module distributed
-    assert {"distributed", "checkpoint", "data", "model", "translate"} <= top
+    assert {"distributed", "checkpoint", "data", "model", "search"} <= top and "progress" in lazy
     top, lazy = package_imports("translate")
     assert "distributed" in lazy and "distributed" not in top and "checkpoint" in top
     top, lazy = package_imports("cli")

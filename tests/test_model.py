@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from seq2seq_cli.loss import label_smoothed_nll
-from seq2seq_cli.model import (CACHE_BLOCK, DecoderState, MultiHeadAttention, Seq2SeqTransformer, build_model,
-                               cache_capacity, sinusoidal_positions)
-from seq2seq_cli.recipe import ModelConfig
-from seq2seq_cli.search import SearchOptions, greedy_search
+from seq2seq_cli.model import (
+    CACHE_BLOCK,
+    DecoderState,
+    MultiHeadAttention,
+    Seq2SeqTransformer,
+    build_model,
+    cache_capacity,
+    sinusoidal_positions,
+)
+from seq2seq_cli.recipe import DecodeConfig, ModelConfig
+from seq2seq_cli.search import greedy_search
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 V = 17
@@ -479,6 +486,7 @@ def test_reverse_batch_helper() -> None:
         assert tgt_out[i].tolist() == refs[i] + [EOS] + [PAD] * (8 - len(x))
 
 
+@pytest.mark.slow
 def test_learns_to_reverse_digit_strings() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -503,6 +511,6 @@ def test_learns_to_reverse_digit_strings() -> None:
     assert last < 0.1 * first
     model.eval()
     src, _, _, refs = reverse_batch(200, torch.Generator().manual_seed(123))
-    hyps = greedy_search(model, src, SearchOptions(beam=1, max_len_a=1.0, max_len_b=2))
+    hyps = greedy_search(model, src, DecodeConfig(beam=1, max_len_a=1.0, max_len_b=2))
     exact = sum(h[0].tokens == ref for h, ref in zip(hyps, refs)) / len(refs)
     assert exact >= 0.95, exact

@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from seq2seq_cli.penalties import (COVERAGE_FLOOR, coverage_penalty, gnmt_length_penalty, length_penalty,
-                                   power_length_penalty, rescore)
+from seq2seq_cli.penalties import (
+    COVERAGE_FLOOR,
+    coverage_penalty,
+    gnmt_length_penalty,
+    length_penalty,
+    power_length_penalty,
+    rescore,
+)
 
 
 def test_gnmt_length_penalty_matches_formula():

@@ -5,11 +5,21 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
-from seq2seq_cli.recipe import (DecodeConfig, ModelConfig, Recipe, RecipeError, check_data_files, dump_recipe,
-                                load_recipe, parse_override, recipe_from_dict)
+from seq2seq_cli.recipe import (
+    DecodeConfig,
+    ModelConfig,
+    Recipe,
+    RecipeError,
+    check_data_files,
+    dump_recipe,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+)
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 BASE = {"output_dir": "out", "data": {"train": {"src": "train.en", "tgt": "train.es"}}}
@@ -151,8 +161,11 @@ def test_all_problems_reported_at_once() -> None:
 
 def test_recipe_is_frozen() -> None:
     r = recipe_from_dict(BASE)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         r.seed = 5  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        r.decode.beam = 9  # type: ignore[misc]
+    assert r.seed == 1 and r.decode.beam == DecodeConfig().beam
 
 
 # ------------------------------------------------------------------------------ overrides

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from seq2seq_cli.score import (MetricResult, ScoreError, check_same_length, corpus_scores, paired_bootstrap,
-                               sentence_scores)
+from seq2seq_cli.score import (
+    MetricResult,
+    ScoreError,
+    check_same_length,
+    corpus_scores,
+    paired_bootstrap,
+    sentence_scores,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bible-en-es"
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from types import SimpleNamespace
 from typing import Optional
 
+import pydantic
 import pytest
 import torch
 
 from seq2seq_cli.model import build_model
 from seq2seq_cli.penalties import COVERAGE_FLOOR, rescore
-from seq2seq_cli.recipe import DecodeConfig, ModelConfig
-from seq2seq_cli.search import (Ensemble, Hypothesis, SearchOptions, beam_search, greedy_search, sample,
-                                search, top_k_top_p_filter)
+from seq2seq_cli.recipe import DecodeConfig, ModelConfig, RecipeError, resolve_decode
+from seq2seq_cli.search import Ensemble, Hypothesis, beam_search, greedy_search, sample, search, top_k_top_p_filter
 
 PAD, BOS, EOS, A, B, C = 0, 1, 2, 3, 4, 5
 VOCAB = 6
@@ -78,10 +77,12 @@ LOOP = {A: 0.7, B: 0.2, EOS: 0.1}  # as a default: A forever unless stopped
 SRC3 = torch.tensor([[7, 7, 7]])
 
 
-def opts(**kw) -> SearchOptions:
+def opts(**kw) -> DecodeConfig:
     """Exact stopping unless a test asks otherwise: the fake-model tests check search optimality."""
     base = dict(beam=2, alpha=0.0, beta=0.0, max_len_a=0.0, max_len_b=10, stop_early=False)
-    return SearchOptions(**{**base, **kw})
+    if kw.get("n_best", 1) > kw.get("beam", base["beam"]):  # beyond the user-facing bound: every finished one
+        return DecodeConfig.model_construct(**{**DecodeConfig().model_dump(), **base, **kw})
+    return DecodeConfig(**{**base, **kw})
 
 
 def tokens_of(result: list[list[Hypothesis]]) -> list[list[list[int]]]:
@@ -97,12 +98,22 @@ def assert_same(r1: list[list[Hypothesis]], r2: list[list[Hypothesis]], tol: flo
 
 # ------------------------------------------------------------------------------ options
 
-def test_search_options_mirror_decode_config():
-    cfg = DecodeConfig()
-    assert all(hasattr(cfg, f.name) for f in fields(SearchOptions))
-    assert SearchOptions.from_config(cfg) == SearchOptions()  # same defaults
-    o = SearchOptions.from_config(DecodeConfig(beam=3, alpha=0.2, top_p=0.9), n_best=2)
-    assert (o.beam, o.alpha, o.top_p, o.n_best) == (3, 0.2, 0.9, 2)
+def test_resolve_decode_precedence_and_one_validation():
+    """command line > recipe keys given explicitly > stored (tuned) values > defaults."""
+    stored = DecodeConfig(beam=6, alpha=1.0, batch_tokens=999)
+    recipe = DecodeConfig.model_validate({"alpha": 0.2})  # only alpha written in the recipe
+    assert recipe.model_fields_set == {"alpha"}
+    got = resolve_decode(stored, recipe, {"beam": 3, "beta": None})
+    assert (got.beam, got.alpha, got.batch_tokens, got.beta) == (3, 0.2, 999, 0.0)
+    assert resolve_decode(stored) == stored
+    with pytest.raises(RecipeError, match=r"^decode: n_best \(4\) must not exceed beam \(3\)$"):
+        resolve_decode(stored, None, {"beam": 3, "n_best": 4})
+    with pytest.raises(RecipeError, match=r"^--beam: Input should be greater than or equal to 1 \(got 0\)$"):
+        resolve_decode(stored, None, {"beam": 0})
+    with pytest.raises(RecipeError, match="unknown decoding option"):
+        resolve_decode(stored, None, {"bean": 3})
+    with pytest.raises(pydantic.ValidationError):  # frozen: nothing downstream can change it
+        got.beam = 2  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------ fake-model tests
@@ -280,8 +291,8 @@ def batch():
     return src, lengths
 
 
-def real_opts(**kw) -> SearchOptions:
-    return SearchOptions(**{**dict(beam=4, alpha=0.6, max_len_a=1.5, max_len_b=5), **kw})
+def real_opts(**kw) -> DecodeConfig:
+    return DecodeConfig(**{**dict(beam=4, alpha=0.6, max_len_a=1.5, max_len_b=5), **kw})
 
 
 def test_beam_one_equals_greedy_on_transformer(transformer, batch):

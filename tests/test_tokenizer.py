@@ -8,8 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from seq2seq_cli.recipe import TokenizerConfig
-from seq2seq_cli.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError,
-                                   train_tokenizer)
+from seq2seq_cli.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bible-en-es"
 N_LINES = 2000

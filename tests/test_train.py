@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import interrupt_and_wait
 import torch
+from conftest import interrupt_and_wait
 
 from seq2seq_cli.checkpoint import load_checkpoint, load_model, step_checkpoints
 from seq2seq_cli.pipeline import run_train
@@ -37,7 +37,7 @@ def _train(e2e, out: Path, **extra) -> dict:
 
 
 def _params(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path).state["model"]
+    return load_checkpoint(path).weights
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -103,7 +103,7 @@ def test_best_and_last_checkpoints_exist_and_load(e2e) -> None:
     for ckpt in (last, best):
         model, tok = load_model(ckpt)
         assert tok.tgt_vocab_size == model.state_dict()["tgt_embed.weight"].size(0)
-        assert "optimizer" in ckpt.state and "rng" in ckpt.state
+        assert ckpt.training is not None and ckpt.training.optimizer["state"] and "torch" in ckpt.training.rng
 
 
 def test_best_metric_chrf_works(e2e, tmp_path: Path) -> None:
@@ -133,8 +133,8 @@ def test_average_last_writes_average_pt(many_checkpoints: Path) -> None:
     ckpts = many_checkpoints / "checkpoints"
     avg = load_checkpoint(ckpts / "average.pt")
     a, b = _params(ckpts / "step-6.pt"), _params(ckpts / "step-8.pt")
-    assert avg.state["averaged_from"] == [str(ckpts / "step-6.pt"), str(ckpts / "step-8.pt")]
-    for k, v in avg.state["model"].items():
+    assert avg.averaged_from == (str(ckpts / "step-6.pt"), str(ckpts / "step-8.pt"))
+    for k, v in avg.weights.items():
         if v.is_floating_point():
             torch.testing.assert_close(v, (a[k].double() + b[k].double()).div(2).float(), rtol=0, atol=1e-6)
     load_model(avg)
@@ -163,7 +163,7 @@ def test_max_time_budget_stops(e2e, tmp_path: Path) -> None:
     assert 1 <= result["step"] < 10_000
     assert elapsed < 30
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert ckpt.step == result["step"] and ckpt.state["position"]["seconds"] >= 0.6
+    assert ckpt.step == result["step"] and ckpt.training.position["seconds"] >= 0.6
 
 
 # ------------------------------------------------------------------------------------ signals
@@ -186,6 +186,7 @@ def _wait_for(proc: subprocess.Popen, condition, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigint_saves_exits_130_and_rerun_continues(e2e, tmp_path: Path) -> None:
     common = dict(train__log_every=1, train__valid_every=100000)
     proc = _spawn_train(e2e, tmp_path, train__max_steps=100000, **common)
@@ -196,7 +197,7 @@ def test_sigint_saves_exits_130_and_rerun_continues(e2e, tmp_path: Path) -> None
     assert "interrupted" in err
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     k = saved.step
-    assert k >= 2 and saved.state["position"]["step"] == k
+    assert k >= 2 and saved.training.position["step"] == k
     assert _records(tmp_path, "train")[-1]["step"] == k
     before = len(_records(tmp_path, "train"))
     result = _train(e2e, tmp_path, train__max_steps=k + 3, **common)
@@ -205,6 +206,7 @@ def test_sigint_saves_exits_130_and_rerun_continues(e2e, tmp_path: Path) -> None
     assert new_steps == [k + 1, k + 2, k + 3], "the rerun must continue from the saved step"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["before_first_checkpoint", "after_a_checkpoint"])
 def test_sigkill_then_resume_completes(e2e, tmp_path: Path, when: str) -> None:
     valid_every = 100000 if when == "before_first_checkpoint" else 2

@@ -36,7 +36,7 @@ def _expected(translator: Translator, lines: list[str]) -> list[str]:
     opts = translator.options()
     out = []
     for line in lines:
-        hyps = translator.translate_window([line], opts, 4096)[0]
+        hyps = translator.translate_window([line], opts.model_copy(update={"batch_tokens": 4096}))[0]
         out.append(translator.detok(hyps[0]) if hyps else "")
     return out
 
@@ -128,10 +128,10 @@ def test_output_does_not_depend_on_workers(e2e, tmp_path: Path, precision: str) 
 def test_workers_share_the_threads_and_restore_them(e2e) -> None:
     import torch
     before = torch.get_num_threads()
-    tr = Translator([e2e.last], "cpu", threads=2, precision="fp32", workers=2)
+    tr = Translator([e2e.last], "cpu", threads=2, options={"precision": "fp32", "workers": 2})
     seen: list[tuple[int, int]] = []
     lines = [" ".join(WORDS[: 1 + i % 7]) for i in range(20)]
-    hyps = tr.translate_window(lines, tr.options(beam=2), 24, on_batch=lambda n, t: seen.append((n, t)))
+    hyps = tr.translate_window(lines, tr.options(beam=2, batch_tokens=24), on_batch=lambda n, t: seen.append((n, t)))
     assert len(hyps) == 20 and sum(n for n, _ in seen) == 20 and len(seen) > 2
     assert torch.get_num_threads() == 2
     torch.set_num_threads(before)
@@ -224,14 +224,14 @@ def test_output_file_mode_follows_umask(e2e, tmp_path: Path) -> None:
                 max_size=6))
 def test_translate_window_gives_one_result_per_input_in_order(translator, lines: list[str]) -> None:
     opts = translator.options()
-    together = translator.translate_window(lines, opts, 64)
+    together = translator.translate_window(lines, opts.model_copy(update={"batch_tokens": 64}))
     assert len(together) == len(lines)
     for line, hyps in zip(lines, together):
         if not clean_line(line):
             assert hyps == []
             continue
         assert hyps and all(isinstance(t, int) for t in hyps[0].tokens)
-        alone = translator.translate_window([line], opts, 4096)[0]
+        alone = translator.translate_window([line], opts.model_copy(update={"batch_tokens": 4096}))[0]
         assert hyps[0].tokens == alone[0].tokens
 
 
@@ -245,6 +245,7 @@ def test_stdin_pipe(e2e, translator) -> None:
     assert _out_lines(proc.stdout) == _expected(translator, ["one two three", "", "old king"])
 
 
+@pytest.mark.slow
 def test_quick_exit_keeps_the_output_whole_and_the_exit_status(e2e, translator, tmp_path: Path) -> None:
     """`main` leaves through os._exit (no interpreter teardown): stdout to a pipe, block-buffered
     (no PYTHONUNBUFFERED), must still arrive whole, and a user error must still exit 2."""
@@ -257,7 +258,7 @@ def test_quick_exit_keeps_the_output_whole_and_the_exit_status(e2e, translator, 
     assert len(got) == len(lines)
     opts = translator.options(beam=1)
     for line, out in zip(lines[-3:], got[-3:]):
-        assert out == translator.detok(translator.translate_window([line], opts, 4096)[0][0])
+        assert out == translator.detok(translator.translate_window([line], opts)[0][0])
     bad = subprocess.run([*e2e.cli(), "decode", str(tmp_path / "missing.pt")], input="x\n", capture_output=True,
                          text=True, env=env, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
@@ -311,6 +312,7 @@ def test_broken_pipe_exits_quietly(e2e, tmp_path: Path) -> None:
     assert rc.read_text().strip() == "0", stderr
 
 
+@pytest.mark.slow
 def test_sigint_during_decode_leaves_no_output_file(e2e, tmp_path: Path) -> None:
     lines = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(25)) for i in range(30000)]  # minutes of work
     src = _write(tmp_path / "in.txt", lines)
@@ -341,7 +343,7 @@ def test_low_precision_decoding_stays_close_to_fp32(e2e, translator, tmp_path: P
     """The bf16/int8 model's next-token distribution stays close to fp32's, and decoding through
     the CLI still gives one line per input line."""
     import torch
-    low = Translator([e2e.last], "cpu", threads=1, precision=precision)
+    low = Translator([e2e.last], "cpu", threads=1, options={"precision": precision})
     if precision == "int8":
         assert any("quantized" in type(m).__module__ for m in low.model.modules())
     ids = [translator.encode(clean_line(x), 1) for x in LINES[:3]]
@@ -366,4 +368,5 @@ def test_low_precision_decoding_stays_close_to_fp32(e2e, translator, tmp_path: P
 def test_unknown_precision_is_a_one_line_error(e2e, tmp_path: Path) -> None:
     out = _decode(e2e.last, "--precision", "fp8", "-i", str(_write(tmp_path / "in.txt", ["one two"])))
     assert out.exit_code == 2
-    assert "--precision must be one of fp32, bf16, int8" in out.stderr and "Traceback" not in out.stderr
+    assert "--precision: Input should be 'fp32', 'bf16' or 'int8' (got 'fp8')" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1

@@ -73,15 +73,15 @@ def test_tune_reports_the_staged_grid_and_its_best(tuned) -> None:
 def test_tune_stores_the_best_as_decode_defaults(e2e, tuned) -> None:
     best = tuned["report"]["best"]
     ckpt = load_checkpoint(tuned["out"])
-    decode = ckpt.state["decode"]
-    assert (decode["beam"], decode["alpha"], decode["beta"]) == (best["beam"], best["alpha"], best["beta"])
-    assert decode["n_best"] == 1
-    original = load_checkpoint(e2e.best).state
+    decode = ckpt.decode
+    assert (decode.beam, decode.alpha, decode.beta) == (best["beam"], best["alpha"], best["beta"])
+    assert decode.n_best == 1
+    original = load_checkpoint(e2e.best)
     for key in ("length_penalty", "max_len_a", "max_len_b", "batch_tokens"):  # the rest is kept
-        assert decode[key] == original["decode"][key], key
-    assert ckpt.step == load_checkpoint(e2e.best).step
-    for name, value in original["model"].items():
-        assert torch.equal(ckpt.state["model"][name], value), name
+        assert getattr(decode, key) == getattr(original.decode, key), key
+    assert ckpt.step == original.step
+    for name, value in original.weights.items():
+        assert torch.equal(ckpt.weights[name], value), name
     load_model(ckpt)
 
 
@@ -110,8 +110,8 @@ def test_tune_in_place_with_src_ref_files(e2e, tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["checkpoint"] == str(ckpt) and report["dev_sentences"] == 6
     assert len(report["trials"]) == 1  # beta 0 is the stage-1 value: no second stage
-    decode = load_checkpoint(ckpt).state["decode"]
-    assert (decode["beam"], decode["alpha"], decode["beta"]) == (3, 0.3, 0.0)
+    decode = load_checkpoint(ckpt).decode
+    assert (decode.beam, decode.alpha, decode.beta) == (3, 0.3, 0.0)
     load_model(load_checkpoint(ckpt))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.en", "dev.es", "model.pt"]  # no temp files left
 
@@ -131,6 +131,7 @@ def test_tune_with_mismatched_src_ref_exits_2_with_one_line(e2e, tmp_path: Path)
 
 # ------------------------------------------------------------------------------------ bench
 
+@pytest.mark.slow
 def test_bench_json_reports_every_part(e2e) -> None:
     result = _invoke("bench", e2e.recipe, *e2e.set_args(e2e.run_dir), "--steps", "2", "--warmup", "1",
                      "--lines", "5", "--json", "--checkpoint", e2e.best)
@@ -212,7 +213,7 @@ def test_bf16_training_runs_with_finite_losses(e2e, tmp_path: Path) -> None:
     assert valid and math.isfinite(valid[-1]["dev_nll"])
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt.recipe.train.precision == "bf16" and ckpt.step == 3
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt.state["model"].values()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt.weights.values()
                if v.is_floating_point())  # master weights stay fp32
 
 
@@ -280,3 +281,46 @@ def test_score_baseline_json_has_paired_bootstrap(tmp_path: Path) -> None:
     assert tests[0]["system"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
     same = _invoke("score", files["hyp"], files["ref"], "--metrics", "bleu", "--baseline", files["hyp"], "--json")
     assert json.loads(same.stdout)["paired_bootstrap"][0]["p_value"] == 1.0
+
+
+@pytest.mark.slow
+def test_tuned_value_survives_run_and_yields_to_explicit_keys_and_flags(e2e, tmp_path: Path) -> None:
+    """Precedence: command line > recipe keys given explicitly > the checkpoint's tuned values > defaults.
+
+    tiny.yaml's decode section gives beam, alpha and max_len_b but not beta; a value stored in best.pt
+    (as `translate tune` stores its winner) is used by `translate run`'s decode stage, which
+    reruns because the model file's settings changed; a recipe key or a flag overrides it.
+    """
+    from dataclasses import replace
+
+    from seq2seq_cli.checkpoint import save_checkpoint
+    from seq2seq_cli.translate import Translator
+
+    run = tmp_path / "run"
+    shutil.copytree(e2e.run_dir, run)
+    best = run / "checkpoints" / "best.pt"
+    ckpt = load_checkpoint(best)
+    save_checkpoint(best, replace(ckpt, decode=ckpt.decode.model_copy(update={"beta": 0.4, "max_len_b": 3, "beam": 4})))
+
+    def run_decode_settings(*extra: str) -> dict:
+        result = _invoke("run", e2e.recipe, *e2e.set_args(run), *extra, "--no-progress")
+        assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+        report = json.loads(result.stdout)
+        assert report["tokenizer"] == report["train"] == "skipped"
+        return report["decode"]["decode"]
+
+    tuned = run_decode_settings()
+    assert tuned["beta"] == 0.4  # the stored (tuned) value survives translate run
+    assert (tuned["beam"], tuned["max_len_b"]) == (2, 10)  # the recipe's explicit keys win over stored ones
+    assert run_decode_settings("--set", "decode.beta=0.1")["beta"] == 0.1
+
+    src = Path(e2e.data["data.test.src"])
+    plain, flagged = tmp_path / "plain.hyp", tmp_path / "flagged.hyp"
+    assert _invoke("decode", best, "-i", src, "-o", plain).exit_code == 0
+    assert _invoke("decode", best, "-i", src, "-o", flagged, "--max-len-b", "30").exit_code == 0
+    for path, options, max_len_b in ((plain, {}, 3), (flagged, {"max_len_b": 30}, 30)):
+        tr = Translator([best], "cpu", 1, options)
+        assert (tr.config.max_len_b, tr.config.beam, tr.config.beta) == (max_len_b, 4, 0.4)
+        expected = [tr.detok(h[0]) if h else "" for h in tr.translate_window(_lines(src))]
+        assert _lines(path) == expected
+    assert _lines(plain) != _lines(flagged)  # max_len_b 3 cuts translations short: the flag really counted
