@@ -59,7 +59,12 @@ def _flops_per_token(model, src_share: float) -> dict[str, float]:
             "flops_per_token": src_share * per_src + (1 - src_share) * per_tgt}
 
 
-def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
+def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int, minutes: float = 0.0
+                ) -> dict[str, Any]:
+    """Training speed through the real loop (`Trainer.run`: data order, logging, validation and
+    checkpoints as the recipe says), from its own metrics.jsonl: tokens and seconds of the log
+    windows after the first `warmup` updates. With `minutes` the run lasts that long (as a real run
+    with train.max_time would) instead of warmup + steps updates."""
     import torch
 
     from .pipeline import run_tokenizer
@@ -67,30 +72,32 @@ def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int)
     from .train import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="translate-bench-"))
-    recipe = load_recipe(recipe_path, [*overrides, f"output_dir={work}"])
-    source = load_recipe(recipe_path, overrides).output_dir / "tokenizer"
+    base = load_recipe(recipe_path, overrides)
+    log_every = base.train.log_every if minutes > 0 else max(1, min(base.train.log_every, steps // 10))
+    budget = [f"train.max_time={minutes}", "train.max_steps=0"] if minutes > 0 else \
+        [f"train.max_steps={warmup + steps}", "train.max_time=0"]
+    recipe = load_recipe(recipe_path, [*overrides, f"output_dir={work}", f"train.log_every={log_every}", *budget])
+    source = base.output_dir / "tokenizer"
     if source.is_dir():
         shutil.copytree(source, work / "tokenizer")
     else:
         run_tokenizer(recipe)
     trainer = Trainer(recipe, progress=False)
-    groups = trainer._epoch_groups()
-    for g in groups[:warmup]:
-        trainer._update(g)
-    n_src = n_tgt = 0
-    t0 = time.perf_counter()
-    for g in groups[warmup: warmup + steps]:
-        _, _, tgt, src = trainer._update(g)
-        n_src, n_tgt = n_src + src, n_tgt + tgt
-    elapsed = time.perf_counter() - t0
+    trainer.run()
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    windows = [r for r in records if r["type"] == "train" and r["step"] - log_every >= warmup]
     shutil.rmtree(work, ignore_errors=True)
-    ran = len(groups[warmup: warmup + steps])
-    if ran == 0:
-        raise RuntimeError(f"an epoch has only {len(groups)} updates: lower --warmup or train.batch_tokens")
+    if not windows:
+        raise RuntimeError(f"no update after the {warmup} warm-up updates was logged: raise --steps or --minutes")
+    n_src, n_tgt = sum(r["src_tokens"] for r in windows), sum(r["tgt_tokens"] for r in windows)
+    elapsed, ran = sum(r["seconds"] for r in windows), sum(r["updates"] for r in windows)
+    rates = sorted(r["tokens_per_s"] for r in windows)
     flops = _flops_per_token(trainer.model, n_src / max(1, n_src + n_tgt))
     tps = (n_src + n_tgt) / elapsed
-    return {"precision": recipe.train.precision, "threads": torch.get_num_threads(), "steps": ran,
+    return {"precision": trainer.precision, "precision_asked": recipe.train.precision,
+            "threads": torch.get_num_threads(), "steps": ran, "minutes": elapsed / 60,
             "tokens_per_step": (n_src + n_tgt) / ran, "tokens_per_s": tps, "s_per_step": elapsed / ran,
+            "median_window_tokens_per_s": rates[len(rates) // 2], "windows": len(windows),
             **flops, "model_gflops": tps * flops["flops_per_token"] / 1e9, "peak_rss_mib": _rss_mib()}
 
 
@@ -118,10 +125,13 @@ def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, pre
 
 def bench_part(part: str, args: list[str]) -> dict[str, Any]:
     """Run one part in this process (called in the child)."""
+    if part == "machine":
+        return machine()
     if part == "matmul":
         return {**_matmul(), "peak_rss_mib": _rss_mib()}
     if part == "train":
-        return _train_part(args[0], json.loads(args[1]), int(args[2]), int(args[3]))
+        return _train_part(args[0], json.loads(args[1]), int(args[2]), int(args[3]),
+                           float(args[4]) if len(args) > 4 else 0.0)
     return _decode_part(args[0], args[1], args[2], int(args[3]), int(args[4]), args[5], int(args[6]))
 
 
@@ -149,20 +159,38 @@ def _startup(checkpoint: str, line: str) -> float:
     return elapsed
 
 
+def machine() -> dict[str, Any]:
+    """The machine beside every figure: CPU model, ISA, native bf16, what precision auto picks."""
+    import torch
+
+    from .precision import cpu_info, resolve_precision
+    info = cpu_info()
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "cpu": info.model, "isa": list(info.flags), "native_bf16": info.native_bf16,
+            "onednn_max_cpu_isa": info.onednn_isa_cap or None, "description": info.describe(),
+            "auto_train": resolve_precision("auto", "cpu", "train"),
+            "auto_decode": resolve_precision("auto", "cpu", "decode")}
+
+
 def run_bench(recipe_path: Path, overrides: list[str], checkpoint: Optional[Path], warmup: int, steps: int,
-              lines: int) -> dict[str, Any]:
-    """All parts; decoding needs a trained checkpoint (default: the recipe's best.pt)."""
+              lines: int, minutes: float = 0.0) -> dict[str, Any]:
+    """All parts; decoding needs a trained checkpoint (default: the recipe's best.pt). bf16 decoding
+    is skipped on a CPU that would emulate it (reported under `skipped`)."""
     from .recipe import load_recipe
     recipe = load_recipe(recipe_path, overrides)
-    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    result: dict[str, Any] = {"machine": _child("machine")}
     result["matmul"] = _child("matmul")
-    result["train"] = _child("train", str(recipe_path), json.dumps(overrides), str(warmup), str(steps))
+    result["train"] = _child("train", str(recipe_path), json.dumps(overrides), str(warmup), str(steps),
+                             str(minutes))
     peak = result["matmul"][f"{'bf16' if result['train']['precision'] == 'bf16' else 'fp32'}_gflops"]
     result["train"]["mfu"] = result["train"]["model_gflops"] / peak
     ckpt = checkpoint or recipe.output_dir / "checkpoints" / "best.pt"
     if ckpt.exists() and recipe.data.test is not None and recipe.data.test.src is not None:
         ref = str(recipe.data.test.tgt or "")
+        runs = [(b, p) for b, p in DECODE_RUNS if p != "bf16" or result["machine"]["native_bf16"]]
+        result["skipped"] = [f"decode beam {b} {p}: bf16 is emulated on this CPU" for b, p in DECODE_RUNS
+                             if (b, p) not in runs]
         result["decode"] = [_child("decode", str(ckpt), str(recipe.data.test.src), ref, str(lines), str(b), p,
-                                   str(recipe.decode.batch_tokens)) for b, p in DECODE_RUNS]
+                                   str(recipe.decode.batch_tokens)) for b, p in runs]
         result["startup_s"] = _startup(str(ckpt), "In the beginning God created the heavens and the earth.")
     return result

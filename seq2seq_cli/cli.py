@@ -154,7 +154,8 @@ def decode(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all cores)")] = 0,
     encoding_errors: Annotated[str, typer.Option(help="strict: non-UTF-8 input is an error; replace: U+FFFD")] = "strict",
-    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast) or int8 (quantised linear layers, CPU)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 where native, else fp32), fp32, bf16, fp16 "
+                                                                            "(autocast) or int8 (quantised linear layers, CPU)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once, one thread each "
                                                               "(0 = one per CPU thread, at most 4)")] = None,
 ) -> None:
@@ -292,19 +293,23 @@ def tune(checkpoint: Annotated[Path, typer.Argument(help="checkpoint whose decod
 @app.command()
 def bench(recipe: RecipeArg, set_: SetOpt = None,
           checkpoint: Annotated[Optional[Path], typer.Option(help="model for the decoding part (default: best.pt)")] = None,
-          warmup: Annotated[int, typer.Option(min=0)] = 5, steps: Annotated[int, typer.Option(min=1)] = 30,
+          warmup: Annotated[int, typer.Option(min=0, help="updates not counted")] = 5,
+          steps: Annotated[int, typer.Option(min=1, help="updates measured (when --minutes is 0)")] = 30,
+          minutes: Annotated[float, typer.Option(min=0.0, help="train for this long instead, as a real run")] = 0.0,
           lines: Annotated[int, typer.Option(min=1, help="test lines to decode")] = 500,
           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Measure training and decoding speed of the recipe's model on this machine.
 
-    Reports matmul peak (fp32/bf16), training tokens/s, FLOPs/token and MFU, greedy and beam-5
-    decoding speed, peak RSS of each part, and the time to the first stdin translation.
+    Reports the CPU (model, ISA, native bf16, what precision auto picks), matmul peak (fp32/bf16),
+    training tokens/s through the real training loop (validation and checkpoints included, as in
+    `translate train`), FLOPs/token and MFU, greedy and beam-5 decoding speed, peak RSS of each
+    part, and the time to the first stdin translation.
 
-    Example: translate bench recipes/bible-en-es.yaml --steps 50
+    Example: translate bench recipes/bible-en-es.yaml --minutes 5
     """
     with _user_errors():
         from .bench import run_bench
-        result = run_bench(recipe, set_ or [], checkpoint, warmup, steps, lines)
+        result = run_bench(recipe, set_ or [], checkpoint, warmup, steps, lines, minutes)
         if as_json:
             typer.echo(json.dumps(result, indent=1))
             return
@@ -313,8 +318,10 @@ def bench(recipe: RecipeArg, set_: SetOpt = None,
         table = Table(title=f"translate bench {recipe}")
         table.add_column("measure")
         table.add_column("value", justify="right")
-        t, m = result["train"], result["matmul"]
-        rows = [("matmul fp32 / bf16 GFLOP/s", f"{m['fp32_gflops']:.0f} / {m['bf16_gflops']:.0f}"),
+        t, m, mach = result["train"], result["matmul"], result["machine"]
+        rows = [("CPU", mach["description"]),
+                ("precision auto: train / decode", f"{mach['auto_train']} / {mach['auto_decode']}"),
+                ("matmul fp32 / bf16 GFLOP/s", f"{m['fp32_gflops']:.0f} / {m['bf16_gflops']:.0f}"),
                 (f"train tokens/s ({t['precision']}, {t['threads']} threads)", f"{t['tokens_per_s']:.0f}"),
                 ("train MFLOP/token (split)", f"{t['flops_per_token'] / 1e6:.1f}"),
                 ("train model GFLOP/s, MFU", f"{t['model_gflops']:.0f}, {100 * t['mfu']:.0f}%"),
@@ -323,6 +330,8 @@ def bench(recipe: RecipeArg, set_: SetOpt = None,
             bleu = f", BLEU {d['bleu']:.2f}" if "bleu" in d else ""
             rows.append((f"decode beam {d['beam']} {d['precision']}: tgt tok/s, sent/s, RSS MiB{', BLEU' if bleu else ''}",
                          f"{d['tgt_tokens_per_s']:.0f}, {d['sent_per_s']:.1f}, {d['peak_rss_mib']:.0f}{bleu}"))
+        for note in result.get("skipped", []):
+            rows.append(("skipped", note))
         if "startup_s" in result:
             rows.append(("first stdin translation (s, start-up included)", f"{result['startup_s']:.2f}"))
         for row in rows:

@@ -43,6 +43,9 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
     return pe.float()
 
 
+OUTPUT_ROWS = 256
+
+
 class MultiHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d_k) + mask) V over n_heads heads, through SDPA.
 
@@ -342,7 +345,14 @@ class Seq2SeqTransformer(nn.Module):
         for layer, kv in zip(self.decoder, state.cross_kv):
             x = layer(x, kv, src_mask[:, None, None, :])
         x = self.dec_norm(x)
-        return self.output(x[keep] if keep is not None else x)
+        if keep is None:
+            return self.output(x)
+        rows = x[keep]  # (K, D)
+        k = rows.size(0)
+        padded = -(-k // OUTPUT_ROWS) * OUTPUT_ROWS
+        if padded != k:
+            rows = torch.cat([rows, rows.new_zeros(padded - k, rows.size(1))])
+        return self.output(rows)[:k]
 
     def start_from(self, memory: Tensor, src_mask: Tensor) -> DecoderState:
         dtype = stored_dtype(memory)

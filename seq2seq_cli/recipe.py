@@ -116,13 +116,17 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-9, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    schedule: Literal["noam", "inverse_sqrt"] = "noam"
+    schedule: Literal["noam", "inverse_sqrt", "budget"] = "noam"
     lr_factor: float = Field(2.0, gt=0.0, description="noam: lr = factor * d^-0.5 * min(s^-0.5, s*w^-1.5)")
-    peak_lr: float = Field(5e-4, gt=0.0, description="inverse_sqrt: the lr reached at the end of warmup")
-    warmup_steps: int = Field(4000, ge=1)
+    peak_lr: float = Field(5e-4, gt=0.0, description="inverse_sqrt, budget: the lr reached at the end of warmup")
+    warmup_steps: int = Field(4000, ge=1, description="noam, inverse_sqrt: warm-up length in updates")
+    warmup_fraction: float = Field(0.1, gt=0.0, lt=1.0,
+                                   description="budget: warm-up length as a fraction of the training budget")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     clip_norm: float = Field(0.0, ge=0.0, description="0 = no clipping")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = the fastest native on the device (precision.py): bf16 on CPUs with native bf16 "
+                            "and CUDA >= 8.0, fp16 on older CUDA, else fp32")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads (0 = all cores)")
     log_every: int = Field(50, ge=1)
@@ -162,8 +166,10 @@ class DecodeConfig(_Strict):
     batch_tokens: int = Field(4096, ge=16)
     workers: int = Field(0, ge=0, description="batches searched at once, one thread each, sharing the CPU threads "
                                               "(0 = one per thread, at most 4); speed only")
-    precision: Literal["fp32", "bf16", "int8"] = Field(
-        "fp32", description="fp32; bf16 autocast; int8 = dynamically quantised linear layers (CPU)")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="auto = bf16 where native (CPU with AVX512_BF16/AMX, CUDA >= 8.0), fp16 on older CUDA, "
+                            "else fp32; bf16/fp16 autocast; int8 = dynamically quantised linear layers (CPU, "
+                            "not batch-invariant, never chosen by auto)")
 
     @model_validator(mode="after")
     def _n_best_fits(self) -> "DecodeConfig":
@@ -187,6 +193,8 @@ class Recipe(_Strict):
     def _sharing_needs_joint(self) -> "Recipe":
         if self.model.share_embeddings and not self.tokenizer.joint:
             raise ValueError("model.share_embeddings needs tokenizer.joint: true (or set it to false)")
+        if self.train.schedule == "budget" and not (self.train.max_steps or self.train.max_time):
+            raise ValueError("train.schedule budget needs a budget to fit: set train.max_steps or train.max_time")
         if self.data.max_len > self.model.max_positions:
             raise ValueError(f"data.max_len ({self.data.max_len}) must not exceed model.max_positions "
                              f"({self.model.max_positions})")

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -44,6 +45,7 @@ from .checkpoint import (
 from .data import DataError, EncodedCorpus, ParallelText, collate, encode_pairs, make_batches, read_split, shard_batches
 from .loss import label_smoothed_nll
 from .model import Seq2SeqTransformer, build_model
+from .precision import resolve_precision
 from .recipe import Recipe
 from .schedule import make_scheduler
 from .score import dev_scores
@@ -160,10 +162,12 @@ class _Window:
     nll: float = 0.0
     tgt: int = 0
     src: int = 0
+    updates: int = 0
     start: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: float, nll: float, tgt: int, src: int) -> None:
         self.loss, self.nll, self.tgt, self.src = self.loss + loss, self.nll + nll, self.tgt + tgt, self.src + src
+        self.updates += 1
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -190,12 +194,18 @@ class Trainer:
         opt_cls = torch.optim.AdamW if self.cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=1.0, betas=self.cfg.betas, eps=self.cfg.eps,
                                  weight_decay=self.cfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, self.cfg, recipe.model.d_model)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cfg.precision == "fp16" and self.device.type == "cuda")
         self.pos = _Position()
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, recipe.model.d_model, lambda: self.pos.seconds)
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else (0, 0)
+        self.precision = resolve_precision(self.cfg.precision, self.device.type, "train", capability)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
         self._resume()
         self.ddp = dist.wrap(self.model, self.ctx, self.device)
         self.stop_signal: Optional[int] = None
+        self._abortable = False
+        self._rng_before_update = _rng_state(self.device)
+        if self.ctx.world == 1:
+            _interruptible_backward(self.model)
         self.saved_step = self.pos.step if self.run_dir.last.exists() else -1
         self.validate: Optional[Validator] = None
         if self.data.dev is not None and self.data.dev_text is not None:
@@ -221,22 +231,35 @@ class Trainer:
         if t.scaler:
             self.scaler.load_state_dict(t.scaler)
         self.pos = _Position(**t.position)
-        torch.set_rng_state(t.rng["torch"])
-        random.setstate(t.rng["python"])
-        if t.rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(t.rng["cuda"], self.device)
+        _set_rng_state(t.rng, self.device)
         if self.main:
             log.info("resuming from %s at step %d (epoch %d)", ckpt.path, self.pos.step, self.pos.epoch + 1)
 
     # ------------------------------------------------------------------------------ one update
     def _autocast(self):
-        if self.cfg.precision == "fp32":
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _update(self, group: list[list[int]]) -> tuple[float, float, int, int]:
-        """One optimizer update over micro-batches `group`; returns (loss_sum, nll_sum, n_tgt, n_src)."""
+        """One optimizer update over micro-batches `group`; returns (loss_sum, nll_sum, n_tgt, n_src).
+
+        The forward and backward passes may be abandoned by a signal (`_StepAborted`, single
+        process only): nothing has changed the weights, the optimizer or the schedule yet. The
+        optimizer step that follows is never interrupted.
+        """
+        self._rng_before_update = _rng_state(self.device)
+        self._abortable = self.ctx.world == 1
+        try:
+            stats = self._gradients(group)
+        finally:
+            self._abortable = False
+        self._apply_gradients()
+        return stats
+
+    def _gradients(self, group: list[list[int]]) -> tuple[float, float, int, int]:
+        """Forward and backward over the micro-batches; gradients accumulate in the parameters."""
         tok = self.tok
         micro = [collate(self.data.train, idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group]
         local_tgt = sum(b.n_tgt for b in micro)
@@ -253,6 +276,10 @@ class Trainer:
                 loss, nll, _ = label_smoothed_nll(logits, b.tgt_out[keep], self.cfg.label_smoothing, tok.pad_id)
             self.scaler.scale(loss * scale).backward()
             loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
+        return loss_sum, nll_sum, local_tgt, sum(b.n_src for b in micro)
+
+    def _apply_gradients(self) -> None:
+        """Clip, step the optimizer and the schedule, clear the gradients."""
         if self.cfg.clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
@@ -260,7 +287,6 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, nll_sum, local_tgt, sum(b.n_src for b in micro)
 
     # ------------------------------------------------------------------------------ validation
     def _is_better(self, score: float) -> bool:
@@ -271,8 +297,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> Checkpoint:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        rng = _rng_state(self.device)
         training = TrainingState(dict(self.pos.__dict__), self.optimizer.state_dict(), self.scheduler.state_dict(),
                                  rng, self.scaler.state_dict() or None)
         return Checkpoint(self.recipe, self.model.state_dict(), self.tok.to_state(), self.recipe.decode,
@@ -307,7 +332,18 @@ class Trainer:
         return None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        """First SIGINT/SIGTERM: stop at once if inside a forward/backward pass (that step is dropped),
+        else after the current step; save; exit 130/143. A second one exits immediately: the
+        checkpoints on disk are complete files (atomic writes), the last good one stays."""
+        if self.stop_signal is not None:
+            sys.stderr.write(f"second signal {signum}: exiting now; checkpoints/last.pt is the last complete "
+                             "checkpoint\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.stop_signal = signum
+        if self._abortable:
+            self._abortable = False
+            raise _StepAborted()
 
     def run(self) -> TrainResult:
         from .progress import TrainProgress  # rich is only needed when training
@@ -337,15 +373,20 @@ class Trainer:
         self._tick = time.perf_counter()
         while (reason := self._budget_left()) is None:
             for group in self._remaining_groups():
-                window.add(*self._update(group))
+                try:
+                    window.add(*self._update(group))
+                except _StepAborted:  # Ctrl-C in a long step: drop it, save the last completed one
+                    self.optimizer.zero_grad(set_to_none=True)
+                    _set_rng_state(self._rng_before_update, self.device)
+                    self._stop_if_signalled()
                 self.pos.step += 1
                 self.pos.batches_done += self.ctx.world * self.cfg.accum_steps
+                self._advance_clock()  # before logging, so a record's minutes include its own step
                 if self.pos.step % self.cfg.log_every == 0:
                     self._log_train(window, bar)
                 if self.validate is not None and self.pos.step % self.cfg.valid_every == 0:
                     if self._validate_and_save():
                         return "early_stopping"
-                self._advance_clock()
                 bar.update(self.pos)
                 self._stop_if_signalled()
                 if (reason := self._budget_left()) is not None:
@@ -359,7 +400,7 @@ class Trainer:
         return self._epoch_groups()[self.pos.batches_done // (self.ctx.world * self.cfg.accum_steps):]
 
     def _advance_clock(self) -> None:
-        """Add the wall time since the last step (validation included), agreed across ranks."""
+        """Add the wall time since the last tick (a validation counts in the step after it), agreed across ranks."""
         now = time.perf_counter()
         self.pos.seconds += dist.max_across(now - self._tick, self.ctx, self.device)
         self._tick = now
@@ -375,7 +416,8 @@ class Trainer:
         rec = {"type": "train", "step": self.pos.step, "epoch": self.pos.epoch + 1,
                "lr": self.scheduler.get_last_lr()[0], "loss": loss / max(tgt, 1), "nll": nll / max(tgt, 1),
                "ppl": math.exp(min(nll / max(tgt, 1), 50.0)), "tokens_per_s": (tgt + src) / max(elapsed, 1e-9),
-               "tgt_tokens": int(tgt), "minutes": self.pos.seconds / 60}
+               "tgt_tokens": int(tgt), "src_tokens": int(src), "seconds": elapsed, "updates": w.updates,
+               "minutes": self.pos.seconds / 60}
         self.log_record(rec)
         bar.train_record(rec)
         w.reset()
@@ -436,6 +478,44 @@ class Trainer:
         dist.barrier(self.ctx)
         return TrainResult(self.pos.step, self.pos.epoch, reason, self.pos.best_score, str(self.run_dir.last),
                            str(best) if best else None)
+
+
+class _StepAborted(Exception):
+    """Raised by the signal handler inside a forward/backward pass to abandon that step."""
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _interruptible_backward(model: torch.nn.Module) -> None:
+    """Give signal handlers a chance to run during backward passes.
+
+    On the CPU the autograd engine runs a backward pass in the calling thread without returning to
+    Python, so a Ctrl-C would wait for the whole pass (over a minute per step where bf16 is
+    emulated). A no-op gradient hook on each layer's output runs Python bytecode once per layer
+    during the pass, where the interpreter handles pending signals.
+    """
+    def attach(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        first = output[0] if isinstance(output, tuple) else output
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(_pass_gradient)
+
+    for name, module in model.named_modules():
+        if name.count(".") == 1 and name.split(".")[0] in ("encoder", "decoder"):  # encoder.0, decoder.2, ...
+            module.register_forward_hook(attach)
+
+
+def _pass_gradient(grad: torch.Tensor) -> None:
+    return None
 
 
 def _in_main_thread() -> bool:

@@ -11,8 +11,8 @@ Precision: fp32; bf16 (autocast: matmuls in bf16, softmax/norms and the search i
 quantised per batch on the fly, int32 accumulation; CPU only), with attention and its cached keys/
 values in bf16 autocast where the CPU computes bf16 natively. Embeddings stay fp32.
 
-This room does not train. Public names: Translator, TranslateStats, set_precision, native_bf16,
-format_hypotheses, run_decode.
+This room does not train. Public names: Translator, TranslateStats, set_precision, format_hypotheses,
+run_decode.
 """
 
 from __future__ import annotations
@@ -28,23 +28,26 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .data import DataError, clean_line
+from .precision import native_bf16, resolve_precision
 from .recipe import DecodeConfig, resolve_decode
 from .search import Ensemble, Hypothesis, translate_ids
 from .tokenizer import Tokenizer
 
-__all__ = ["Translator", "TranslateStats", "set_precision", "native_bf16", "format_hypotheses", "run_decode"]
+__all__ = ["Translator", "TranslateStats", "set_precision", "format_hypotheses", "run_decode"]
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 log = logging.getLogger(__name__)
 
 
 def set_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
     """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy)."""
-    if precision == "bf16":
+    if precision in ("bf16", "fp16"):
         # autocast would cast every weight at every call: cast the matmul weights once instead
         # (LayerNorm keeps fp32; autocast still runs norms, softmax and the residual stream in fp32)
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.to(torch.bfloat16)
+                module.to(_HALF[precision])
         return model
     if precision != "int8":
         return model
@@ -54,13 +57,6 @@ def set_precision(model: torch.nn.Module, precision: str, device: torch.device) 
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls in hardware (else oneDNN emulates them, slowly)."""
-    cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
-                                                                       "_is_amx_tile_supported"))
 
 
 @dataclass
@@ -96,7 +92,8 @@ class Translator:
             if tok.to_state() != self.tokenizer.to_state():
                 raise CheckpointError(f"{c.path}: an ensemble needs one tokenizer; this checkpoint has another")
         self.recipe = ckpts[0].recipe
-        self.precision = self.config.precision
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else (0, 0)
+        self.precision = resolve_precision(self.config.precision, self.device.type, "decode", capability)
         models = [set_precision(m, self.precision, self.device) for m, _ in loaded]
         self.model = models[0] if len(models) == 1 else Ensemble(models)
         self.max_src = min(m.cfg.max_positions for m in models) - 1
@@ -117,7 +114,9 @@ class Translator:
         """bf16 autocast for bf16; for int8 too on a CPU with native bf16 (AVX-512 BF16 or AMX),
         where it runs what is not quantised (attention, its caches) in bf16: the quantised
         linear layers ignore autocast. Else nothing."""
-        if self.precision == "bf16" or (self.precision == "int8" and native_bf16()):
+        if self.precision in _HALF:
+            return torch.autocast(self.device.type, dtype=_HALF[self.precision])
+        if self.precision == "int8" and native_bf16():
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

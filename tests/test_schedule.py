@@ -87,3 +87,57 @@ def test_scheduler_state_dict_resume() -> None:
     opt2.step()
     sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(7, cfg, 64))
+
+
+# ------------------------------------------------------------------------------ budget (Li et al. 2020)
+
+def test_budget_lr_hand_values() -> None:
+    from seq2seq_cli.schedule import budget_lr
+    assert budget_lr(0.0, 0.1, 2e-3) == 0.0
+    assert budget_lr(0.05, 0.1, 2e-3) == pytest.approx(1e-3)          # half-way up the warm-up
+    assert budget_lr(0.1, 0.1, 2e-3) == pytest.approx(2e-3)           # the peak at the warm-up's end
+    assert budget_lr(0.55, 0.1, 2e-3) == pytest.approx(1e-3)          # half-way down the decay
+    assert budget_lr(1.0, 0.1, 2e-3) == 0.0 and budget_lr(1.7, 0.1, 2e-3) == 0.0  # zero at (and past) the end
+
+
+def test_budget_progress_is_the_most_spent_budget() -> None:
+    from seq2seq_cli.schedule import budget_progress
+    both = TrainConfig(schedule="budget", max_steps=1000, max_time=10.0)
+    assert budget_progress(100, 60.0, both) == pytest.approx(0.1)     # 10% of the steps, 10% of the time
+    assert budget_progress(100, 300.0, both) == pytest.approx(0.5)    # time binds: the slower machine
+    assert budget_progress(800, 60.0, both) == pytest.approx(0.8)     # steps bind: the faster machine
+    assert budget_progress(5, 30.0, TrainConfig(schedule="budget", max_time=1.0)) == pytest.approx(0.5)
+
+
+def test_budget_schedule_on_a_time_budget_fits_any_speed() -> None:
+    """The same recipe on a machine 2.5x slower: fewer updates, but the same warm-up and decay shape
+    against the fraction of time spent, ending at zero either way (noam would still be warming up)."""
+    cfg = TrainConfig(schedule="budget", max_time=12.0, warmup_fraction=0.1, peak_lr=2e-3)
+    for seconds_per_step in (0.5, 1.25):
+        steps = int(12 * 60 / seconds_per_step)
+        lrs = [lr_at(s, cfg, 256, seconds=(s - 1) * seconds_per_step) for s in range(1, steps + 1)]
+        top = max(range(steps), key=lrs.__getitem__)
+        assert abs(top / steps - 0.1) < 0.01 and max(lrs) == pytest.approx(2e-3, rel=0.01)
+        assert lrs[-1] < 0.01 * max(lrs)
+
+
+def test_budget_schedule_needs_a_budget() -> None:
+    from seq2seq_cli.recipe import RecipeError, recipe_from_dict
+    base = {"output_dir": "o", "data": {"train": {"src": "a", "tgt": "b"}}}
+    with pytest.raises(RecipeError, match="schedule budget needs a budget to fit"):
+        recipe_from_dict({**base, "train": {"schedule": "budget", "max_epochs": 3}})
+    assert recipe_from_dict({**base, "train": {"schedule": "budget", "max_time": 5}}).train.max_time == 5
+
+
+def test_make_scheduler_budget_reads_the_run_clock() -> None:
+    cfg = TrainConfig(schedule="budget", max_time=1.0, warmup_fraction=0.5, peak_lr=1e-2)
+    clock = {"s": 0.0}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, cfg, 64, lambda: clock["s"])
+    lrs = []
+    for seconds in (15.0, 30.0, 45.0, 60.0):
+        clock["s"] = seconds
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([5e-3, 1e-2, 5e-3, 0.0])

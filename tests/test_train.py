@@ -68,6 +68,29 @@ def test_resumed_run_equals_uninterrupted_run(e2e, tmp_path: Path) -> None:
         assert any(not torch.equal(first_w[k], pa[k]) for k in pa if pa[k].is_floating_point())
 
 
+def test_budget_schedule_resumes_exactly(e2e, tmp_path: Path, monkeypatch) -> None:
+    """schedule: budget on a step budget: a run stopped after n updates and resumed equals one run
+    straight through (the lr depends on the fraction of the budget spent, restored with the step)."""
+    from seq2seq_cli.train import Trainer
+
+    n, total = 4, 9
+    common = dict(train__valid_every=1000, train__log_every=1, model__dropout=0.1, train__schedule="budget",
+                  train__peak_lr=3e-3, train__warmup_fraction=0.3, train__max_steps=total)
+    original = Trainer._budget_left
+    monkeypatch.setattr(Trainer, "_budget_left", lambda self: "stopped" if self.pos.step >= n else original(self))
+    assert _train(e2e, tmp_path / "a", **common)["step"] == n
+    monkeypatch.setattr(Trainer, "_budget_left", original)
+    resumed = _train(e2e, tmp_path / "a", **common)
+    straight = _train(e2e, tmp_path / "b", **common)
+    assert resumed["step"] == straight["step"] == total
+    lrs = [r["lr"] for r in _records(tmp_path / "b", "train")]
+    assert [r["lr"] for r in _records(tmp_path / "a", "train")] == pytest.approx(lrs, rel=1e-12)
+    assert max(lrs) == pytest.approx(3e-3, rel=0.2) and lrs[-1] == 0.0  # warmed up, decayed to zero
+    pa, pb = _params(tmp_path / "a" / "checkpoints" / "last.pt"), _params(tmp_path / "b" / "checkpoints" / "last.pt")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_rerun_of_a_finished_run_does_not_train_again(e2e, tmp_path: Path) -> None:
     _train(e2e, tmp_path, train__max_steps=3, train__valid_every=1000, train__log_every=1)
     n_records = len(_records(tmp_path))
@@ -204,6 +227,42 @@ def test_sigint_saves_exits_130_and_rerun_continues(e2e, tmp_path: Path) -> None
     assert result["step"] == k + 3 and result["stop_reason"] == "max_steps"
     new_steps = [r["step"] for r in _records(tmp_path, "train")[before:]]
     assert new_steps == [k + 1, k + 2, k + 3], "the rerun must continue from the saved step"
+
+
+@pytest.mark.slow
+def test_sigint_inside_a_slow_step_exits_within_seconds(e2e, tmp_path: Path) -> None:
+    """Steps made slow for real (bf16 emulated by oneDNN under ONEDNN_MAX_CPU_ISA=AVX2, as on a CPU
+    without native bf16): Ctrl-C in the middle of a step drops that step, saves the last completed
+    one and exits 130 long before the step would have ended."""
+    extra = dict(train__log_every=1, train__valid_every=100000, train__precision="bf16", model__d_model=256,
+                 model__ff_dim=1024, train__batch_tokens=4096, train__max_steps=100000)
+    e2e.copy_tokenizer(tmp_path)
+    cmd = [*e2e.cli(), "train", str(e2e.recipe), *e2e.set_args(tmp_path, **extra), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**e2e.env(), "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    _wait_for(proc, lambda: len(_records(tmp_path, "train")) >= 1, timeout=600)
+    step_seconds = _records(tmp_path, "train")[0]["minutes"] * 60
+    assert step_seconds > 6, f"the step must be slow for this test to mean anything ({step_seconds:.1f} s)"
+    time.sleep(1.0)  # inside step 2
+    start = time.monotonic()
+    err = interrupt_and_wait(proc, 120, "training")
+    waited = time.monotonic() - start
+    assert proc.returncode == 130, err[-2000:]
+    assert waited < step_seconds / 2, f"took {waited:.1f} s to stop; a step takes {step_seconds:.1f} s"
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert saved.step == _records(tmp_path, "train")[-1]["step"] == saved.training.position["step"]
+
+
+def test_second_sigint_exits_at_once_and_keeps_the_last_good_checkpoint(e2e, tmp_path: Path) -> None:
+    common = dict(train__log_every=1, train__valid_every=2, train__valid_max_sentences=2)
+    proc = _spawn_train(e2e, tmp_path, train__max_steps=100000, **common)
+    _wait_for(proc, lambda: len(_records(tmp_path, "valid")) >= 1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "second signal" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt").step >= 2  # complete, loads
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from seq2seq_cli.cli import app
 from seq2seq_cli.data import clean_line
-from seq2seq_cli.translate import Translator, native_bf16
+from seq2seq_cli.precision import native_bf16
+from seq2seq_cli.translate import Translator
 
 runner = CliRunner()
 WORDS = ("one two three four five six seven eight nine ten red blue green black white big small old new "
@@ -368,5 +369,41 @@ def test_low_precision_decoding_stays_close_to_fp32(e2e, translator, tmp_path: P
 def test_unknown_precision_is_a_one_line_error(e2e, tmp_path: Path) -> None:
     out = _decode(e2e.last, "--precision", "fp8", "-i", str(_write(tmp_path / "in.txt", ["one two"])))
     assert out.exit_code == 2
-    assert "--precision: Input should be 'fp32', 'bf16' or 'int8' (got 'fp8')" in out.stderr
+    assert "--precision: Input should be 'auto', 'fp32', 'bf16', 'fp16' or 'int8' (got 'fp8')" in out.stderr
     assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------ batch invariance
+
+@pytest.mark.parametrize("precision", ["fp32"])
+def test_each_line_alone_equals_the_line_in_a_mixed_batch(e2e, precision: str) -> None:
+    """The precision `auto` decodes with (fp32) is batch-invariant: a line's translation does not
+    depend on the other lines of its batch (lengths, padding, beam rows of other sentences). bf16
+    is not guaranteed to be (its rounded matmul outputs depend on the batch shape's kernel), nor
+    is int8 (next test)."""
+    tr = Translator([e2e.last], "cpu", threads=1, options={"precision": precision, "workers": 1, "beam": 3})
+    lines = LINES + [" ".join(WORDS[i: i + 1 + i % 9]) for i in range(0, 24, 3)]
+    mixed = tr.translate_window(lines, tr.options(batch_tokens=100000))  # one batch with every line
+    assert len({len(x.split()) for x in lines}) > 4  # really mixed lengths
+    for line, together in zip(lines, mixed):
+        alone = tr.translate_window([line])[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in together], line
+        assert alone[0].score == pytest.approx(together[0].score, abs=1e-5)
+
+
+def test_int8_quantises_activations_per_batch_so_auto_never_picks_it() -> None:
+    """Dynamic int8 takes one activation scale per tensor (the batch's largest magnitude): the same
+    row gives a different result beside a large-magnitude row. Hence int8 is not batch-invariant
+    and `precision: auto` never chooses it."""
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.manual_seed(0)
+    layer = quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(64, 64)), {torch.nn.Linear}, dtype=torch.qint8)
+    row = torch.randn(1, 64)
+    rows, large = row.repeat(4, 1), 50 * torch.randn(4, 64)
+    with torch.no_grad():
+        change = (layer(rows) - layer(torch.cat([rows, large]))[:4]).abs().max().item()
+        fp32 = torch.nn.Linear(64, 64)
+        fp32_change = (fp32(rows) - fp32(torch.cat([rows, large]))[:4]).abs().max().item()
+    assert change > 0.1 and fp32_change < 1e-5  # int8's rounding grid moved with the batch; fp32's did not

@@ -1,0 +1,133 @@
+"""Which number format to compute in, chosen by what the machine does natively.
+
+`precision: auto` (the default of `train.precision`, `decode.precision` and `--precision`) resolves
+once per process to the fastest precision that is native on the device in use:
+
+  device                                   train                   decode
+  CPU with native bf16 (AVX512_BF16/AMX,   bf16                    fp32
+  or ARM's BF16 extension)
+  other CPUs (e.g. AVX2 only)              fp32                    fp32
+  CUDA, compute capability >= 8.0          bf16                    fp32
+  older CUDA                               fp16 (+ loss scaling)   fp32
+
+On a CPU without native bf16, oneDNN emulates bf16 matmuls about 50x slower than fp32. Decoding
+under `auto` is fp32 everywhere because only fp32 is batch-invariant: a line's translation must not
+depend on the other lines of its batch (what `translate serve` and `translate decode` promise).
+int8 (dynamic quantisation) takes one activation scale per tensor, and bf16/fp16 round each
+matmul's output, whose accumulation order depends on the batch's shape: measured on the 15-minute
+Bible model, 4-8 of 200 lines decoded alone differed from the same lines decoded in a batch in
+bf16, none in fp32. bf16 and int8 stay available by name (`--precision bf16`, 1.5x faster where
+native). Training has no such contract and uses bf16 where native. "Native" needs both
+the instructions (torch's CPU probes) and oneDNN agreeing to use them: `ONEDNN_MAX_CPU_ISA=AVX2`
+on a bf16 machine makes it behave, and be detected, as a machine without native bf16.
+
+Recipes and checkpoints keep what was asked for (`auto`), never the resolved choice, so a model
+trained on one machine decodes at the right precision on another.
+
+This room imports nothing of the package. Public names: CpuInfo, cpu_info, native_bf16,
+resolve_precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+__all__ = ["CpuInfo", "cpu_info", "native_bf16", "resolve_precision"]
+
+log = logging.getLogger(__name__)
+
+Purpose = Literal["train", "decode"]
+_ISA_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "avx", "bf16", "asimd", "sve")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the CPU is and what it computes natively (for choices and for every reported figure)."""
+
+    model: str
+    flags: tuple[str, ...]  # the ISA flags of interest that /proc/cpuinfo lists
+    native_bf16: bool
+    onednn_isa_cap: str  # ONEDNN_MAX_CPU_ISA, or "" when not set
+
+    def describe(self) -> str:
+        isa = "/".join(f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "bf16", "sve") if f in self.flags)
+        cap = f", ONEDNN_MAX_CPU_ISA={self.onednn_isa_cap}" if self.onednn_isa_cap else ""
+        return f"{self.model} ({isa or 'no AVX2'}; bf16 {'native' if self.native_bf16 else 'not native'}{cap})"
+
+
+def _cpuinfo_text() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    import os
+
+    text = _cpuinfo_text()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.lower().startswith(("model name", "cpu model", "hardware"))), "") or platform.processor()
+    words = set()
+    for line in text.splitlines():
+        if line.lower().startswith(("flags", "features")):
+            words.update(line.split(":", 1)[1].split())
+    flags = tuple(f for f in _ISA_FLAGS if f in words)
+    return CpuInfo(model or "unknown CPU", flags, native_bf16(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware, and oneDNN will use it.
+
+    x86: AVX512_BF16 or AMX (torch's probes); ARM: the BF16 extension (/proc/cpuinfo 'bf16').
+    Either way oneDNN must also report bf16 support, which it does not under an ISA cap such as
+    ONEDNN_MAX_CPU_ISA=AVX2 (then bf16 would be emulated).
+    """
+    cpu = getattr(torch, "cpu", None)
+    hardware = any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
+                                                                           "_is_amx_tile_supported"))
+    if not hardware and platform.machine().lower() in ("aarch64", "arm64"):
+        hardware = any(line.lower().startswith("features") and "bf16" in line.split()
+                       for line in _cpuinfo_text().splitlines())
+    if not hardware:
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_precision(requested: str, device_type: str, purpose: Purpose, cuda_capability: tuple[int, int] = (0, 0)
+                      ) -> str:
+    """The precision to compute in: `requested` unless it is "auto" (then by the table above).
+
+    Logged once per (request, device, purpose): the choice and why. An explicit bf16 on a CPU
+    that would emulate it runs as asked, with a one-time warning.
+    """
+    if requested == "auto" and purpose == "decode":
+        log.info("precision auto -> fp32 for decoding: the only batch-invariant precision")
+        return "fp32"
+    if requested == "auto":
+        if device_type == "cuda":
+            chosen, why = ("bf16", f"CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} >= 8.0") \
+                if cuda_capability >= (8, 0) else ("fp16", f"CUDA compute capability "
+                                                           f"{cuda_capability[0]}.{cuda_capability[1]} < 8.0")
+        elif device_type == "cpu" and native_bf16():
+            chosen, why = "bf16", f"CPU has native bf16 ({cpu_info().describe()})"
+        else:
+            chosen, why = "fp32", f"CPU has no native bf16 ({cpu_info().describe()})"
+        log.info("precision auto -> %s for %s: %s", chosen, "training" if purpose == "train" else "decoding", why)
+        return chosen
+    if requested == "bf16" and device_type == "cpu" and not native_bf16():
+        log.warning("precision bf16 on a CPU without native bf16 (%s): bf16 is emulated there, typically "
+                    "~50x slower than fp32; precision auto would choose fp32", cpu_info().describe())
+    return requested
