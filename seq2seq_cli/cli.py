@@ -157,24 +157,44 @@ def decode(
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast) or int8 (quantised linear layers, CPU)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once, one thread each "
                                                               "(0 = one per CPU thread, at most 4)")] = None,
+    # --- issue 18: search options and document decoding (move onto DecodeConfig when merging)
+    min_len: Annotated[Optional[int], typer.Option(
+        min=0, help="no EOS before this many target pieces")] = None,
+    no_repeat_ngram: Annotated[Optional[int], typer.Option(
+        min=0, help="never repeat an n-gram of this many pieces (0 = off)")] = None,
+    repeat_guard: Annotated[Optional[int], typer.Option(
+        min=0, help="forbid repeating one n-gram (n <= 8 pieces) K times in a row (0 = off)")] = None,
+    constraints: Annotated[Optional[Path], typer.Option(
+        help="file, one line per input line: target phrases (tab-separated) that must appear")] = None,
+    glossary: Annotated[Optional[Path], typer.Option(
+        help="TSV 'source term<TAB>target term': a term found in a line (any case, whole words) "
+             "must appear translated")] = None,
+    prefix: Annotated[Optional[Path], typer.Option(
+        help="file, one line per input line: text the translation must start with (empty = none)")] = None,
+    align: Annotated[bool, typer.Option(
+        "--align", help="append TAB + source-target word alignments (Pharaoh: 0-0 1-2 ...)")] = False,
 ) -> None:
     """Translate a file, or stdin line by line, with a trained checkpoint.
 
     One output line per input line, in input order; empty lines stay empty. Search settings
     default to the decode section stored in the checkpoint.
 
+    --sample --temperature 0 is greedy decoding (the argmax at every step).
+
     Examples:
       translate decode runs/tiny/checkpoints/best.pt -i test.en -o test.hyp --beam 5
       echo "In the beginning" | translate decode runs/tiny/checkpoints/best.pt
+      translate decode best.pt -i doc.en --glossary terms.tsv --align
     """
     _setup_logging()
     with _user_errors():
         from .translate import run_decode
         overrides = dict(beam=beam, alpha=alpha, beta=beta, length_penalty=length_penalty, n_best=n_best,
                          sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
-                         max_len_a=max_len_a, max_len_b=max_len_b)
+                         max_len_a=max_len_a, max_len_b=max_len_b,
+                         min_len=min_len, no_repeat_ngram=no_repeat_ngram, repeat_guard=repeat_guard)
         run_decode(checkpoints, input, output, overrides, batch_tokens, stream, device, threads, encoding_errors,
-                   precision, workers)
+                   precision, workers, constraints, glossary, prefix, align)
 
 
 @app.command()

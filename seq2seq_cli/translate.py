@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,11 +87,13 @@ def native_bf16() -> bool:
 def translate_ids(model, src_ids: Sequence[list[int]], opts: SearchOptions, batch_tokens: int,
                   device: torch.device, pad_id: int,
                   on_batch: Optional[Callable[[int, int], None]] = None, workers: int = 1,
-                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                  ) -> list[list[Hypothesis]]:
+                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  constraints: Optional[Sequence[list[list[int]]]] = None,
+                  prefixes: Optional[Sequence[list[int]]] = None) -> list[list[Hypothesis]]:
     """Search every source (ids ending in EOS), batched by length; results in input order.
 
     The token budget is divided by the beam size, since each sentence occupies `beam` rows.
+    `constraints` / `prefixes` (aligned with src_ids) are passed to search per sentence.
     `workers` > 1 searches that many batches at once, each in its own thread (PyTorch releases
     the GIL inside its kernels), with the caller's intra-op threads shared out among them; the
     result does not depend on it, since every batch is searched on its own. `context()` is
@@ -106,8 +109,10 @@ def translate_ids(model, src_ids: Sequence[list[int]], opts: SearchOptions, batc
         src = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
         for r, ids in enumerate(rows):
             src[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        cons = None if constraints is None else [constraints[i] for i in index]
+        pre = None if prefixes is None else [prefixes[i] for i in index]
         with torch.inference_mode(), context():
-            return search(model, src.to(device), opts)
+            return search(model, src.to(device), opts, constraints=cons, prefixes=pre)
 
     def done(index: list[int], hyps: list[list[Hypothesis]]) -> None:
         for i, h in zip(index, hyps):
@@ -141,6 +146,7 @@ class TranslateStats:
     truncated: int = 0
     target_tokens: int = 0
     truncated_lines: list[int] = field(default_factory=list)
+    unmet_lines: list[int] = field(default_factory=list)  # constraints not all met (max_len reached)
 
 
 class Translator:
@@ -210,19 +216,56 @@ class Translator:
 
     def translate_window(self, lines: Sequence[str], opts: SearchOptions, batch_tokens: int,
                          first_line_no: int = 1,
-                         on_batch: Optional[Callable[[int, int], None]] = None) -> list[list[Hypothesis]]:
-        """Translate a list of lines; empty ones give an empty hypothesis list."""
+                         on_batch: Optional[Callable[[int, int], None]] = None,
+                         constraints: Optional[Sequence[Sequence[str]]] = None,
+                         prefixes: Optional[Sequence[str]] = None) -> list[list[Hypothesis]]:
+        """Translate a list of lines; empty ones give an empty hypothesis list. constraints[i]:
+        target phrases line i's output must contain; prefixes[i]: text its output starts with."""
         cleaned = [clean_line(x) for x in lines]
         todo = [i for i, x in enumerate(cleaned) if x]
         self.stats.lines += len(lines)
         self.stats.empty += len(lines) - len(todo)
         ids = [self.encode(cleaned[i], first_line_no + i) for i in todo]
-        hyps = translate_ids(self.model, ids, opts, batch_tokens, self.device, self.tokenizer.pad_id, on_batch,
-                             self.workers, self.autocast)
+        cons = None if constraints is None else [self.encode_constraints(constraints[i]) for i in todo]
+        pre = None if prefixes is None else [self.tokenizer.encode_tgt(prefixes[i]) for i in todo]
+        hyps = translate_ids(self.model, ids, opts, batch_tokens, self.device, self.tokenizer.pad_id,
+                             on_batch, self.workers, self.autocast, cons, pre)
         out: list[list[Hypothesis]] = [[] for _ in lines]
         for i, h in zip(todo, hyps):
             out[i] = h
             self.stats.target_tokens += sum(len(x.tokens) for x in h[:1])
+            if h and h[0].unmet:
+                self.stats.unmet_lines.append(first_line_no + i)
+                log.warning("line %d: %d of its %d constraints not met within the length limit",
+                            first_line_no + i, h[0].unmet, len(constraints[i]) if constraints else 0)
+        self._last_ids = dict(zip(todo, ids))
+        return out
+
+    def encode_constraints(self, phrases: Sequence[str]) -> list[list[int]]:
+        """Target ids of each distinct phrase. sentencepiece encodes a phrase alone with the
+        word-initial '▁' it has after a space in a sentence, and never lets a piece cross a space,
+        so a phrase encodes as it appears inside a translation (after a space or at the start)."""
+        out: list[list[int]] = []
+        for p in dict.fromkeys(x.strip() for x in phrases):
+            ids = self.tokenizer.encode_tgt(p) if p else []
+            if not ids:
+                raise DataError(f"constraint {p!r} encodes to no target pieces")
+            out.append(ids)
+        return out
+
+    def alignments(self, hyps: Sequence[list[Hypothesis]], n_best: int) -> list[list[str]]:
+        """Pharaoh word alignments (see align.py) of the hypotheses of the last translate_window."""
+        from .align import align_batch
+        model = self.model.models[0] if isinstance(self.model, Ensemble) else self.model
+        pairs = [(i, h) for i, hs in enumerate(hyps) if hs for h in hs[:max(1, n_best)]]
+        out: list[list[str]] = [[] for _ in hyps]
+        for start in range(0, len(pairs), 64):
+            chunk = pairs[start:start + 64]
+            with torch.inference_mode(), self.autocast():
+                links = align_batch(model, self.tokenizer, [self._last_ids[i] for i, _ in chunk],
+                                    [h.tokens for _, h in chunk], self.device)
+            for (i, _), a in zip(chunk, links):
+                out[i].append(a)
         return out
 
     def detok(self, hyp: Hypothesis) -> str:
@@ -245,19 +288,90 @@ class Translator:
             yield from self.translate_window(buf, opts, batch_tokens, line_no, on_batch)
 
 
-def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int, n_best: int) -> list[str]:
-    """1-best: the detokenised text (empty for an empty input line); n-best: 'index<TAB>score<TAB>text' rows."""
+def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int, n_best: int,
+                      alignments: Optional[list[str]] = None) -> list[str]:
+    """1-best: the detokenised text (empty for an empty input line); n-best: 'index<TAB>score<TAB>text'
+    rows. With alignments (one Pharaoh string per hypothesis), each row gains '<TAB>alignment'."""
+    def tail(j: int) -> str:
+        if alignments is None:
+            return ""
+        return "\t" + (alignments[j] if j < len(alignments) else "")
+
     if n_best <= 1:
-        return [translator.detok(hyps[0]) if hyps else ""]
+        return [(translator.detok(hyps[0]) if hyps else "") + tail(0)]
     if not hyps:
-        return [f"{index}\t0.0\t"]
-    return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" for h in hyps[:n_best]]
+        return [f"{index}\t0.0\t" + tail(0)]
+    return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" + tail(j) for j, h in enumerate(hyps[:n_best])]
+
+
+# ---------------------------------------------------------- document decoding inputs (issue 18)
+
+def read_constraints(path: Path, errors: str = "strict") -> list[list[str]]:
+    """One line per input line: target phrases separated by tabs; an empty line = no constraint."""
+    from .data import iter_lines
+    out = []
+    for n, line in enumerate(iter_lines(path, errors, {}), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            out.append([])
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if not all(fields):
+            raise DataError(f"{path}: line {n}: empty constraint (two tabs in a row, or a tab at an end)")
+        out.append(fields)
+    return out
+
+
+def read_prefixes(path: Path, errors: str = "strict") -> list[str]:
+    """One line per input line: the text its translation starts with (empty = none)."""
+    from .data import iter_lines
+    return [clean_line(x) for x in iter_lines(path, errors, {})]
+
+
+def read_glossary(path: Path, errors: str = "strict") -> list[tuple[re.Pattern[str], str]]:
+    """'source term<TAB>target term' lines (blank lines skipped) → (source pattern, target term).
+    A term matches case-insensitively at word boundaries (not inside a longer word)."""
+    from .data import iter_lines
+    out = []
+    for n, line in enumerate(iter_lines(path, errors, {}), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataError(f"{path}: line {n}: expected 'source term<TAB>target term', found no tab")
+        src, tgt = (x.strip() for x in line.split("\t", 1))
+        if not src or not tgt or "\t" in tgt:
+            raise DataError(f"{path}: line {n}: expected two non-empty fields: 'source term<TAB>target term'")
+        words = r"\s+".join(re.escape(w) for w in src.split())
+        out.append((re.compile(rf"(?<!\w){words}(?!\w)", re.IGNORECASE), tgt))
+    return out
+
+
+def glossary_constraints(glossary: Sequence[tuple[re.Pattern[str], str]], line: str) -> list[str]:
+    """Target terms of the glossary entries whose source term occurs in `line`."""
+    return [tgt for pattern, tgt in glossary if pattern.search(line)]
+
+
+def _slice(rows: Optional[list], start: int, n: int, path: Optional[Path]) -> Optional[list]:
+    """rows[start:start+n], or a one-line error when the file has fewer lines than the input."""
+    if rows is None:
+        return None
+    if start + n > len(rows):
+        raise DataError(f"{path}: has {len(rows)} lines but the input has more "
+                        f"(line {len(rows) + 1} is missing)")
+    return rows[start:start + n]
 
 
 def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, batch_tokens: Optional[int],
                stream: bool, device: str, threads: int, encoding_errors: str,
-               precision: Optional[str] = None, workers: Optional[int] = None) -> TranslateStats:
-    """The `translate decode` workflow: read lines, translate in order, write atomically, report."""
+               precision: Optional[str] = None, workers: Optional[int] = None,
+               constraints_file: Optional[Path] = None, glossary_file: Optional[Path] = None,
+               prefix_file: Optional[Path] = None, align: bool = False) -> TranslateStats:
+    """The `translate decode` workflow: read lines, translate in order, write atomically, report.
+
+    Issue 18 (document decoding): constraints_file (tab-separated target phrases per input line),
+    glossary_file (source term<TAB>target term; a term found in a line adds a constraint),
+    prefix_file (the text each output line starts with) and align (append Pharaoh alignments)."""
     import sys
     import time
 
@@ -270,6 +384,20 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
         raise DataError(f"--length-penalty must be gnmt or power, not {overrides['length_penalty']!r}")
     if precision is not None and precision not in PRECISIONS:
         raise DataError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    # --- issue 18 inputs: read and check before loading the model
+    cons_rows = None if constraints_file is None else read_constraints(Path(constraints_file),
+                                                                        encoding_errors)
+    glossary = None if glossary_file is None else read_glossary(Path(glossary_file), encoding_errors)
+    prefix_rows = None if prefix_file is None else read_prefixes(Path(prefix_file), encoding_errors)
+    if (cons_rows is not None or glossary is not None) and overrides.get("sample"):
+        raise DataError("--constraints and --glossary need beam search, not --sample")
+    if input != "-" and (cons_rows is not None or prefix_rows is not None):
+        from .data import iter_lines
+        n_input = sum(1 for _ in iter_lines(Path(input), encoding_errors, {}))
+        for rows_, path in ((cons_rows, constraints_file), (prefix_rows, prefix_file)):
+            if rows_ is not None and len(rows_) != n_input:
+                raise DataError(f"{path}: has {len(rows_)} lines but {input} has {n_input}")
+    # ---
     translator = Translator(paths, str(pick_device(device)), threads, precision, workers)
     opts = translator.options(**overrides)
     if opts.n_best > opts.beam and not opts.sample:
@@ -285,14 +413,24 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
     start, index = time.perf_counter(), 0
     try:
         for chunk in chunks:
-            hyps = translator.translate_window(chunk, opts, budget, index + 1)
-            rows = [r for i, h in enumerate(hyps) for r in format_hypotheses(translator, h, index + i, opts.n_best)]
+            cons = _slice(cons_rows, index, len(chunk), constraints_file)
+            if glossary is not None:
+                base = cons if cons is not None else [[] for _ in chunk]
+                cons = [c + glossary_constraints(glossary, clean_line(line)) for c, line in zip(base, chunk)]
+            pre = _slice(prefix_rows, index, len(chunk), prefix_file)
+            hyps = translator.translate_window(chunk, opts, budget, index + 1, constraints=cons, prefixes=pre)
+            aligned = translator.alignments(hyps, opts.n_best) if align else [None] * len(hyps)
+            rows = [r for i, (h, a) in enumerate(zip(hyps, aligned))
+                    for r in format_hypotheses(translator, h, index + i, opts.n_best, a)]
             out.write_lines(rows, flush=from_stdin or output == "-")
             index += len(chunk)
             if not from_stdin:
                 rate = index / max(time.perf_counter() - start, 1e-9)
                 toks = translator.stats.target_tokens / max(time.perf_counter() - start, 1e-9)
                 sys.stderr.write(f"\r{index} lines  {rate:.1f} sent/s  {toks:.0f} tok/s")
+        for rows_, path in ((cons_rows, constraints_file), (prefix_rows, prefix_file)):
+            if rows_ is not None and len(rows_) != index:
+                raise DataError(f"{path}: has {len(rows_)} lines but the input has {index}")
         out.commit()
     except BaseException:
         out.abort()
@@ -300,6 +438,9 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
     s = translator.stats
     if not from_stdin:
         sys.stderr.write("\n")
+    if s.unmet_lines:
+        log.warning("%d lines did not meet all their constraints within the length limit (lines %s)",
+                    len(s.unmet_lines), ", ".join(map(str, s.unmet_lines[:20])))
     if s.truncated or counts.get("replaced_lines"):
         log.warning("%d lines truncated to the model's length limit, %d lines with invalid UTF-8 replaced",
                     s.truncated, counts.get("replaced_lines", 0))
