@@ -349,3 +349,42 @@ def test_cli_align_format(e2e, tmp_path):
     res = _decode(e2e, tmp_path, LINES, "--beam", "2", "--n-best", "2", "--align")
     rows = [r.split("\t") for r in res.stdout.splitlines()]
     assert res.returncode == 0 and all(len(r) == 4 for r in rows) and len(rows) == 2 * 4 + 1  # empty: 1 row
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+    """A small Transformer trained here to copy its input (monotone), ~15 s on one thread."""
+    from seq2seq_cli.model import build_model
+    from seq2seq_cli.recipe import ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, ff_dim=128, dropout=0.0)
+    model = build_model(cfg, 24, 24, 0, 2, 3)
+    adam = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(500):
+        body = torch.randint(4, 24, (32, 6 + step % 5), generator=g)  # 6..10 tokens
+        src = torch.cat([body, torch.full((32, 1), 3)], 1)
+        tgt_in = torch.cat([torch.full((32, 1), 2), body], 1)
+        loss = torch.nn.functional.cross_entropy(model(src, tgt_in).reshape(-1, 24), src.reshape(-1))
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+    return model.eval()
+
+
+def test_alignment_of_a_copy_model_is_diagonal(copy_model):
+    from types import SimpleNamespace
+
+    from seq2seq_cli.align import align_batch
+    g = torch.Generator().manual_seed(5)
+    srcs = [(torch.randperm(20, generator=g)[:n] + 4).tolist() for n in (3, 6, 8, 10)]
+    outs = greedy_search(copy_model, torch.tensor([srcs[-1] + [3]]), real_opts(beam=1))[0][0].tokens
+    assert outs == srcs[-1]  # it learnt to copy
+    one_piece_words = SimpleNamespace(eos_id=3, id_to_piece=lambda i, side: "\u2581w")
+    links = align_batch(copy_model, one_piece_words, [s + [3] for s in srcs], srcs, torch.device("cpu"))
+    assert links == [" ".join(f"{i}-{i}" for i in range(len(s))) for s in srcs]
+    # pieces 4..11 continue a word: word-level links must still be diagonal
+    multi = SimpleNamespace(eos_id=3, id_to_piece=lambda i, side: "w" if i < 12 else "\u2581w")
+    srcs = [[12 + (i + j // 2) % 12 if j % 2 == 0 else 4 + (i + j) % 8 for j in range(8)] for i in range(4)]
+    links = align_batch(copy_model, multi, [s + [3] for s in srcs], srcs, torch.device("cpu"))
+    assert links == ["0-0 1-1 2-2 3-3"] * 4
