@@ -350,6 +350,60 @@ def bench(recipe: RecipeArg, set_: SetOpt = None,
         Console().print(table)
 
 
+# ------------------------------------------------------------------ issue 18: pictures
+
+@app.command()
+def attention(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint to translate with")],
+    sentence: Annotated[str, typer.Argument(help="one source sentence")],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="picture to write (PNG, SVG, PDF)")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="decoder layer (0-based, negative from the end); "
+                                                      "default: average of all layers")] = None,
+    head: Annotated[Optional[int], typer.Option(
+        help="one head of --layer (default: average of its heads)")] = None,
+    beam: Annotated[Optional[int], typer.Option(min=1, help="beam size for the translation")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+) -> None:
+    """Translate one sentence and draw the cross-attention of its translation.
+
+    Prints a coarse heatmap in the terminal; with -o also writes a labelled picture (needs
+    matplotlib: pip install -e ".[plot]").
+
+    Example: translate attention runs/bible-en-es/checkpoints/best.pt "Jesus wept." -o attn.png
+    """
+    _setup_logging()
+    with _user_errors():
+        from .plots import attention_map, save_attention_png, terminal_heatmap
+        from .translate import Translator
+        translator = Translator([checkpoint], device, 0, None, 1)
+        opts = translator.options(beam=beam, n_best=1)
+        src, tgt, attn = attention_map(translator, sentence, layer, head, opts)
+        what = ("all layers and heads averaged" if layer is None else
+                f"layer {layer}, " + ("heads averaged" if head is None else f"head {head}"))
+        typer.echo(f"cross-attention ({what}):\n{terminal_heatmap(src, tgt, attn)}")
+        if output is not None:
+            save_attention_png(src, tgt, attn, output, f"{translator.detok_ids(tgt)}\n({what})")
+            typer.echo(str(output))
+
+
+@app.command()
+def plot(runs: Annotated[List[Path], typer.Argument(help="run directories (or their metrics.jsonl)")],
+         output: Annotated[Path, typer.Option(
+             "-o", "--output", help="picture to write (PNG, SVG, PDF)")]) -> None:
+    """Draw learning curves of one or more runs on one figure.
+
+    Train loss, dev loss and dev BLEU against step and against wall-clock minutes, from each
+    run's metrics.jsonl. Needs matplotlib: pip install -e ".[plot]".
+
+    Example: translate plot runs/bible-en-es runs/bible-es-en -o curves.png
+    """
+    with _user_errors():
+        from .plots import save_curves_png
+        summary = save_curves_png(runs, output)
+        typer.echo(json.dumps({"output": str(output), "runs": summary}))
+
+
 def main() -> None:
     """Console-script entry point.
 

@@ -271,6 +271,10 @@ class Translator:
     def detok(self, hyp: Hypothesis) -> str:
         return self.tokenizer.decode_tgt(hyp.tokens)
 
+    def detok_ids(self, pieces: Sequence[str]) -> str:
+        """Target text of target pieces (for titles): '▁' back to spaces."""
+        return "".join(pieces).replace("\u2581", " ").strip()
+
     def translate_stream(self, lines: Iterable[str], opts: SearchOptions, batch_tokens: int,
                          window: int = 2000, on_batch: Optional[Callable[[int, int], None]] = None
                          ) -> Iterator[list[Hypothesis]]:
