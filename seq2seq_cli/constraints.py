@@ -10,7 +10,9 @@ State of one hypothesis (immutable tuples, shared between rows that have the sam
     hypothesis (a KMP automaton per constraint, so overlaps such as c = [a, a, b] after
     "a a a" are tracked exactly). Once met, c stays met.
   * bank = sum of len(c) over met c + max(prog[c]) over unmet c: the number of constraint tokens
-    the hypothesis has produced (0 .. T, T = total constraint tokens of the sentence).
+    the hypothesis has produced (0 .. T, T = total constraint tokens of the sentence);
+  * closed: the last token completed a constraint. Beam search then forbids the pieces that would
+    continue the word (given as `word_continuations`), so "Cristo" cannot come out as "Cristos".
 
 Dynamic beam allocation, one step of one sentence (k beams), as `order_candidates` does it:
   1. Candidates = the unconstrained top 2k over the sentence's k*V continuations (what plain
@@ -48,7 +50,7 @@ __all__ = ["ConstraintSet", "ConstraintBeams", "order_candidates", "check_constr
 
 NEG_INF = float("-inf")
 
-State = tuple[tuple[bool, ...], tuple[int, ...]]  # (met, prog)
+State = tuple[tuple[bool, ...], tuple[int, ...], bool]  # (met, prog, closed)
 
 
 def _failure(c: Sequence[int]) -> list[int]:
@@ -90,7 +92,7 @@ class ConstraintSet:
     @property
     def start(self) -> State:
         n = len(self.phrases)
-        return (False,) * n, (0,) * n
+        return (False,) * n, (0,) * n, False
 
     def advance(self, state: State, tok: int) -> State:
         """The state after appending `tok` (KMP step for every unmet constraint)."""
@@ -99,6 +101,7 @@ class ConstraintSet:
         if new is not None:
             return new
         met, prog = list(state[0]), list(state[1])
+        closed = False
         for i, c in enumerate(self.phrases):
             if met[i]:
                 continue
@@ -108,15 +111,15 @@ class ConstraintSet:
             if c[p] == tok:
                 p += 1
             if p == len(c):
-                met[i], p = True, 0
+                met[i], p, closed = True, 0, True
             prog[i] = p
-        new = (tuple(met), tuple(prog))
+        new = (tuple(met), tuple(prog), closed)
         self._memo[key] = new
         return new
 
     def bank(self, state: State) -> int:
         """Constraint tokens produced: sum of len(c) over met c + the longest partial match."""
-        met, prog = state
+        met, prog, _ = state
         return (sum(len(c) for c, m in zip(self.phrases, met) if m)
                 + max((p for p, m in zip(prog, met) if not m), default=0))
 
@@ -125,7 +128,7 @@ class ConstraintSet:
 
     def next_tokens(self, state: State) -> set[int]:
         """Tokens that advance an unmet constraint: c[prog[c]] for each unmet c."""
-        met, prog = state
+        met, prog, _ = state
         return {c[p] for c, m, p in zip(self.phrases, met, prog) if not m}
 
 
@@ -161,6 +164,10 @@ class ConstraintBeams:
     def unmet_mask(self, device: torch.device) -> Tensor:
         """(rows,) True where some constraint is still unmet."""
         return torch.tensor([not all(st[0]) for st in self.states], dtype=torch.bool, device=device)
+
+    def closed_mask(self, device: torch.device) -> Tensor:
+        """(rows,) True where the last token completed a constraint."""
+        return torch.tensor([st[2] for st in self.states], dtype=torch.bool, device=device)
 
 
 def order_candidates(cons: ConstraintBeams, scores: Tensor, log_probs: Tensor,

@@ -434,11 +434,14 @@ def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: SearchOpti
 @torch.no_grad()
 def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
                 constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
-                prefixes: Optional[Sequence[Sequence[int]]] = None) -> list[list[Hypothesis]]:
+                prefixes: Optional[Sequence[Sequence[int]]] = None,
+                word_continuations: Optional[Tensor] = None) -> list[list[Hypothesis]]:
     """Batched beam search (k = opts.beam rows per sentence); n_best hypotheses per sentence, best
     final score first. src (B, S) padded with model.pad_id. constraints[b]: sentence b's target
     phrases (token ids) that must all appear (dynamic beam allocation, constraints.py);
-    prefixes[b]: target tokens forced at its first steps."""
+    prefixes[b]: target tokens forced at its first steps. word_continuations (V,) bool: pieces
+    that continue a word (no word-start mark, start with a letter or digit), forbidden right after
+    a constraint is completed so that a constraint is a whole word in the output."""
     if constraints is not None:
         if len(constraints) != src.size(0):
             raise ValueError(f"{len(constraints)} constraint lists for {src.size(0)} sentences")
@@ -458,6 +461,12 @@ def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
         if beams.cons is not None:  # no EOS before every constraint is met (unless at max_len)
             log_probs[beams.cons.unmet_mask(log_probs.device) & (max_len > beams.history.size(1)),
                       model.eos_id] = NEG_INF
+            if word_continuations is not None:
+                closed = beams.cons.closed_mask(log_probs.device)
+                if forced is not None:
+                    closed &= forced < 0
+                cont = word_continuations.to(log_probs.device)
+                log_probs.masked_fill_(closed[:, None] & cont[None, :], NEG_INF)
         cand = _expand(beams, log_probs, opts.beam)
         if beams.cons is not None:
             cand = order_candidates(beams.cons, beams.scores, log_probs, cand, opts.beam, model.eos_id)
@@ -469,7 +478,8 @@ def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
 def search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
            generator: Optional[torch.Generator] = None,
            constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
-           prefixes: Optional[Sequence[Sequence[int]]] = None) -> list[list[Hypothesis]]:
+           prefixes: Optional[Sequence[Sequence[int]]] = None,
+           word_continuations: Optional[Tensor] = None) -> list[list[Hypothesis]]:
     """Sampling if opts.sample; greedy when beam == n_best == 1; beam search otherwise.
     Constraints need beam search (with beam 1 it is beam search with one row, not greedy)."""
     has_constraints = constraints is not None and any(len(cs) for cs in constraints)
@@ -479,7 +489,8 @@ def search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
         return sample(model, src, opts, generator, prefixes)
     if opts.beam == 1 and opts.n_best == 1 and not has_constraints:
         return greedy_search(model, src, opts, prefixes)
-    return beam_search(model, src, opts, constraints if has_constraints else None, prefixes)
+    return beam_search(model, src, opts, constraints if has_constraints else None, prefixes,
+                       word_continuations)
 
 
 # -------------------------------------------------------------------------------- ensembles

@@ -89,7 +89,8 @@ def translate_ids(model, src_ids: Sequence[list[int]], opts: SearchOptions, batc
                   on_batch: Optional[Callable[[int, int], None]] = None, workers: int = 1,
                   context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                   constraints: Optional[Sequence[list[list[int]]]] = None,
-                  prefixes: Optional[Sequence[list[int]]] = None) -> list[list[Hypothesis]]:
+                  prefixes: Optional[Sequence[list[int]]] = None,
+                  word_continuations: Optional[torch.Tensor] = None) -> list[list[Hypothesis]]:
     """Search every source (ids ending in EOS), batched by length; results in input order.
 
     The token budget is divided by the beam size, since each sentence occupies `beam` rows.
@@ -112,7 +113,8 @@ def translate_ids(model, src_ids: Sequence[list[int]], opts: SearchOptions, batc
         cons = None if constraints is None else [constraints[i] for i in index]
         pre = None if prefixes is None else [prefixes[i] for i in index]
         with torch.inference_mode(), context():
-            return search(model, src.to(device), opts, constraints=cons, prefixes=pre)
+            return search(model, src.to(device), opts, constraints=cons, prefixes=pre,
+                          word_continuations=word_continuations)
 
     def done(index: list[int], hyps: list[list[Hypothesis]]) -> None:
         for i, h in zip(index, hyps):
@@ -229,7 +231,8 @@ class Translator:
         cons = None if constraints is None else [self.encode_constraints(constraints[i]) for i in todo]
         pre = None if prefixes is None else [self.tokenizer.encode_tgt(prefixes[i]) for i in todo]
         hyps = translate_ids(self.model, ids, opts, batch_tokens, self.device, self.tokenizer.pad_id,
-                             on_batch, self.workers, self.autocast, cons, pre)
+                             on_batch, self.workers, self.autocast, cons, pre,
+                             None if cons is None else self.word_continuations())
         out: list[list[Hypothesis]] = [[] for _ in lines]
         for i, h in zip(todo, hyps):
             out[i] = h
@@ -240,6 +243,14 @@ class Translator:
                             first_line_no + i, h[0].unmet, len(constraints[i]) if constraints else 0)
         self._last_ids = dict(zip(todo, ids))
         return out
+
+    def word_continuations(self) -> torch.Tensor:
+        """(V,) True at target pieces that continue a word: no '▁', first character a letter or
+        digit (punctuation may follow a constraint directly)."""
+        if getattr(self, "_word_cont", None) is None:
+            pieces = [self.tokenizer.id_to_piece(i, "tgt") for i in range(self.tokenizer.tgt_vocab_size)]
+            self._word_cont = torch.tensor([p[:1].isalnum() for p in pieces], dtype=torch.bool)
+        return self._word_cont
 
     def encode_constraints(self, phrases: Sequence[str]) -> list[list[int]]:
         """Target ids of each distinct phrase. sentencepiece encodes a phrase alone with the

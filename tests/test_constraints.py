@@ -73,6 +73,19 @@ def test_no_eos_before_constraints_are_met_and_scores_are_model_log_probs():
     assert hyp.log_prob == pytest.approx(2 * math.log(0.01) + math.log(0.97), abs=1e-5)
 
 
+def test_a_completed_constraint_is_not_continued_into_a_longer_word():
+    # after B the model wants C (think "Cristo" + "s"); C is marked as a word-continuation piece
+    model = FakeModel({(): {B: 0.1, A: 0.8, EOS: 0.1}, (B,): {C: 0.9, EOS: 0.05, A: 0.05},
+                       (A, B): {C: 0.9, EOS: 0.05, A: 0.05}}, default={EOS: 0.9, A: 0.05, B: 0.05})
+    free = beam_search(model, SRC3, opts(), constraints=[[[B]]])[0][0]
+    assert contains(free.tokens, [B, C])
+    continuation = torch.zeros(6, dtype=torch.bool)
+    continuation[C] = True
+    for beam in (1, 2, 4):
+        hyp = search(model, SRC3, opts(beam=beam), constraints=[[[B]]], word_continuations=continuation)[0][0]
+        assert contains(hyp.tokens, [B]) and not contains(hyp.tokens, [B, C]), hyp.tokens
+
+
 def test_unmeetable_constraints_return_the_hypothesis_that_met_most():
     model = FakeModel({}, default={A: 0.7, B: 0.2, EOS: 0.0999, C: 0.0001})
     # max_len = 3: [A] fits, [B, C, A, B] never can
