@@ -401,3 +401,13 @@ def test_alignment_of_a_copy_model_is_diagonal(copy_model):
     srcs = [[12 + (i + j // 2) % 12 if j % 2 == 0 else 4 + (i + j) % 8 for j in range(8)] for i in range(4)]
     links = align_batch(copy_model, multi, [s + [3] for s in srcs], srcs, torch.device("cpu"))
     assert links == ["0-0 1-1 2-2 3-3"] * 4
+
+
+def test_cli_unmet_constraints_are_counted_and_warned(e2e, tmp_path):
+    cons = tmp_path / "cons.txt"
+    cons.write_text("uno dos tres cuatro cinco seis\n" + "\n" * (len(LINES) - 1), encoding="utf-8")
+    res = _decode(e2e, tmp_path, LINES, "--constraints", str(cons), "--max-len-a", "0", "--max-len-b", "3")
+    assert res.returncode == 0, res.stderr
+    assert "line 1: 1 of its 1 constraints not met" in res.stderr
+    assert "1 lines did not meet all their constraints" in res.stderr
+    assert len(res.stdout.splitlines()) == len(LINES)

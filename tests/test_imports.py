@@ -30,7 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "score": {"recipe"},
     "data": {"recipe", "tokenizer"},
     "textio": {"data", "tokenizer"},
-    "search": {"penalties"},
+    "search": {"penalties", "constraints"},
+    "constraints": set(),
+    "align": set(),
+    "plots": {"recipe"},  # align, data and search lazily (matplotlib and torch only when drawing)
     "checkpoint": {"recipe", "model", "tokenizer"},
     # distributed (pick_device) is imported lazily, inside run_decode
     "translate": {"checkpoint", "data", "search", "tokenizer", "textio"},
@@ -45,7 +48,7 @@ ANYTHING_EXCEPT: dict[str, set[str]] = {
     "cli": set(),
 }
 # Extra package modules a module may import inside functions only.
-LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed"}}
+LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed", "align"}, "plots": {"align", "data", "search"}}
 
 
 def package_imports(module: str) -> tuple[set[str], set[str]]:
