@@ -48,7 +48,8 @@ ANYTHING_EXCEPT: dict[str, set[str]] = {
     "cli": set(),
 }
 # Extra package modules a module may import inside functions only.
-LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed", "align"}, "plots": {"align", "data", "search"}}
+LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed", "align"},
+                                   "plots": {"align", "data", "search"}}
 
 
 def package_imports(module: str) -> tuple[set[str], set[str]]:
