@@ -84,6 +84,7 @@ class ConstraintSet:
     fail: tuple[tuple[int, ...], ...] = field(init=False)
     total: int = field(init=False)
     _memo: dict[tuple[State, int], State] = field(default_factory=dict, init=False, repr=False)
+    _banks: dict[State, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.fail = tuple(tuple(_failure(c)) for c in self.phrases)
@@ -119,9 +120,13 @@ class ConstraintSet:
 
     def bank(self, state: State) -> int:
         """Constraint tokens produced: sum of len(c) over met c + the longest partial match."""
-        met, prog, _ = state
-        return (sum(len(c) for c, m in zip(self.phrases, met) if m)
-                + max((p for p, m in zip(prog, met) if not m), default=0))
+        bank = self._banks.get(state)
+        if bank is None:
+            met, prog, _ = state
+            bank = (sum(len(c) for c, m in zip(self.phrases, met) if m)
+                    + max((p for p, m in zip(prog, met) if not m), default=0))
+            self._banks[state] = bank
+        return bank
 
     def unmet(self, state: State) -> int:
         return sum(not m for m in state[0])

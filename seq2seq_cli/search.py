@@ -465,8 +465,9 @@ def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: SearchOptions,
                 closed = beams.cons.closed_mask(log_probs.device)
                 if forced is not None:
                     closed &= forced < 0
-                cont = word_continuations.to(log_probs.device)
-                log_probs.masked_fill_(closed[:, None] & cont[None, :], NEG_INF)
+                if bool(closed.any()):
+                    log_probs[closed] = log_probs[closed].masked_fill(word_continuations.to(log_probs.device),
+                                                                      NEG_INF)
         cand = _expand(beams, log_probs, opts.beam)
         if beams.cons is not None:
             cand = order_candidates(beams.cons, beams.scores, log_probs, cand, opts.beam, model.eos_id)
