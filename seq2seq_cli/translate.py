@@ -11,7 +11,12 @@ Precision: fp32; bf16 (autocast: matmuls in bf16, softmax/norms and the search i
 quantised per batch on the fly, int32 accumulation; CPU only), with attention and its cached keys/
 values in bf16 autocast where the CPU computes bf16 natively. Embeddings stay fp32.
 
-This room does not train. Public names: Translator, batch_by_tokens, translate_ids, set_precision.
+Document decoding (issue 18): per-line lexical constraints (a constraints file and/or a glossary
+whose source terms are matched case-insensitively at word boundaries), forced target prefixes,
+and Pharaoh word alignments (align.py) are read, checked and threaded through `run_decode`.
+
+This room does not train. Public names: Translator, batch_by_tokens, translate_ids, set_precision,
+read_constraints, read_glossary, read_prefixes, glossary_constraints.
 """
 
 from __future__ import annotations
@@ -172,6 +177,8 @@ class Translator:
         self.model = models[0] if len(models) == 1 else Ensemble(models)
         self.max_src = min(m.cfg.max_positions for m in models) - 1
         self.stats = TranslateStats()
+        self._last_ids: dict[int, list[int]] = {}  # source ids of the last window's non-empty lines
+        self._word_cont: Optional[torch.Tensor] = None
         if workers is None:
             workers = int(self.decode_defaults.get("workers", 0))
         if workers < 0:
@@ -247,7 +254,7 @@ class Translator:
     def word_continuations(self) -> torch.Tensor:
         """(V,) True at target pieces that continue a word: no '▁', first character a letter or
         digit (punctuation may follow a constraint directly)."""
-        if getattr(self, "_word_cont", None) is None:
+        if self._word_cont is None:
             pieces = [self.tokenizer.id_to_piece(i, "tgt") for i in range(self.tokenizer.tgt_vocab_size)]
             self._word_cont = torch.tensor([p[:1].isalnum() for p in pieces], dtype=torch.bool)
         return self._word_cont
