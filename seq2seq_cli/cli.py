@@ -158,24 +158,44 @@ def decode(
                                                                             "(autocast) or int8 (quantised linear layers, CPU)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once, one thread each "
                                                               "(0 = one per CPU thread, at most 4)")] = None,
+    # search options users expect, and per-line inputs for real documents
+    min_len: Annotated[Optional[int], typer.Option(
+        min=0, help="no EOS before this many target pieces")] = None,
+    no_repeat_ngram: Annotated[Optional[int], typer.Option(
+        min=0, help="never repeat an n-gram of this many pieces (0 = off)")] = None,
+    repeat_guard: Annotated[Optional[int], typer.Option(
+        min=0, help="forbid repeating one n-gram (n <= 8 pieces) K times in a row (0 = off)")] = None,
+    constraints: Annotated[Optional[Path], typer.Option(
+        help="file, one line per input line: target phrases (tab-separated) that must appear")] = None,
+    glossary: Annotated[Optional[Path], typer.Option(
+        help="TSV 'source term<TAB>target term': a term found in a line (any case, whole words) "
+             "must appear translated")] = None,
+    prefix: Annotated[Optional[Path], typer.Option(
+        help="file, one line per input line: text the translation must start with (empty = none)")] = None,
+    align: Annotated[bool, typer.Option(
+        "--align", help="append TAB + source-target word alignments (Pharaoh: 0-0 1-2 ...)")] = False,
 ) -> None:
     """Translate a file, or stdin line by line, with a trained checkpoint.
 
     One output line per input line, in input order; empty lines stay empty. Search settings
     default to the decode section stored in the checkpoint.
 
+    --sample --temperature 0 is greedy decoding (the argmax at every step).
+
     Examples:
       translate decode runs/tiny/checkpoints/best.pt -i test.en -o test.hyp --beam 5
       echo "In the beginning" | translate decode runs/tiny/checkpoints/best.pt
+      translate decode best.pt -i doc.en --glossary terms.tsv --align
     """
     _setup_logging()
     with _user_errors():
-        from .translate import run_decode
+        from .translate import LineInputs, run_decode
         options = dict(beam=beam, alpha=alpha, beta=beta, length_penalty=length_penalty, n_best=n_best,
                        sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
                        max_len_a=max_len_a, max_len_b=max_len_b, batch_tokens=batch_tokens, precision=precision,
-                       workers=workers)
-        run_decode(checkpoints, input, output, options, stream, device, threads, encoding_errors)
+                       workers=workers, min_len=min_len, no_repeat_ngram=no_repeat_ngram, repeat_guard=repeat_guard)
+        run_decode(checkpoints, input, output, options, stream, device, threads, encoding_errors,
+                   inputs=LineInputs(constraints, glossary, prefix, align))
 
 
 @app.command()
@@ -337,6 +357,60 @@ def bench(recipe: RecipeArg, set_: SetOpt = None,
         for row in rows:
             table.add_row(*row)
         Console().print(table)
+
+
+# ------------------------------------------------------------------ issue 18: pictures
+
+@app.command()
+def attention(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint to translate with")],
+    sentence: Annotated[str, typer.Argument(help="one source sentence")],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="picture to write (PNG, SVG, PDF)")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="decoder layer (0-based, negative from the end); "
+                                                      "default: average of all layers")] = None,
+    head: Annotated[Optional[int], typer.Option(
+        help="one head of --layer (default: average of its heads)")] = None,
+    beam: Annotated[Optional[int], typer.Option(min=1, help="beam size for the translation")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+) -> None:
+    """Translate one sentence and draw the cross-attention of its translation.
+
+    Prints a coarse heatmap in the terminal; with -o also writes a labelled picture (needs
+    matplotlib: pip install -e ".[plot]").
+
+    Example: translate attention runs/bible-en-es/checkpoints/best.pt "Jesus wept." -o attn.png
+    """
+    _setup_logging()
+    with _user_errors():
+        from .plots import attention_map, save_attention_png, terminal_heatmap
+        from .translate import Translator
+        translator = Translator([checkpoint], device, 0, {"workers": 1})
+        opts = translator.options(beam=beam, n_best=1)
+        src, tgt, attn = attention_map(translator, sentence, layer, head, opts)
+        what = ("all layers and heads averaged" if layer is None else
+                f"layer {layer}, " + ("heads averaged" if head is None else f"head {head}"))
+        typer.echo(f"cross-attention ({what}):\n{terminal_heatmap(src, tgt, attn)}")
+        if output is not None:
+            save_attention_png(src, tgt, attn, output, f"{translator.detok_ids(tgt)}\n({what})")
+            typer.echo(str(output))
+
+
+@app.command()
+def plot(runs: Annotated[List[Path], typer.Argument(help="run directories (or their metrics.jsonl)")],
+         output: Annotated[Path, typer.Option(
+             "-o", "--output", help="picture to write (PNG, SVG, PDF)")]) -> None:
+    """Draw learning curves of one or more runs on one figure.
+
+    Train loss, dev loss and dev BLEU against step and against wall-clock minutes, from each
+    run's metrics.jsonl. Needs matplotlib: pip install -e ".[plot]".
+
+    Example: translate plot runs/bible-en-es runs/bible-es-en -o curves.png
+    """
+    with _user_errors():
+        from .plots import save_curves_png
+        summary = save_curves_png(runs, output)
+        typer.echo(json.dumps({"output": str(output), "runs": summary}))
 
 
 def main() -> None:

@@ -70,8 +70,10 @@ class MultiHeadAttention(nn.Module):
         return self.split_heads(k), self.split_heads(v)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
-               causal: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """q (B, T, D) projected here; k, v (B, H, S, Dh); mask broadcastable to (B, H, T, S)."""
+               causal: bool = False, need_weights: bool = False, average_heads: bool = True
+               ) -> tuple[Tensor, Optional[Tensor]]:
+        """q (B, T, D) projected here; k, v (B, H, S, Dh); mask broadcastable to (B, H, T, S).
+        With need_weights and average_heads=False the weights are per head, (B, H, T, S)."""
         b, t, d = q.shape
         qh = self.split_heads(self.q_proj(q))  # (B, H, T, Dh)
         p = self.dropout if self.training else 0.0
@@ -87,7 +89,9 @@ class MultiHeadAttention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.float().softmax(-1).nan_to_num(0.0).to(qh.dtype)  # all-masked rows → 0
-            weights = probs.mean(dim=1) if need_weights else None  # (B, T, S), heads averaged
+            weights = None  # (B, T, S) heads averaged, or (B, H, T, S)
+            if need_weights:
+                weights = probs.mean(dim=1) if average_heads else probs
             ctx = (F.dropout(probs, p, self.training) @ v).to(qh.dtype)  # autocast may have made it bf16
         else:
             if causal and k.size(-2) != t:  # new positions after a cache: align the causal mask bottom-right
@@ -201,6 +205,18 @@ class DecoderLayer(nn.Module):
         k, v = self.self_attn.keys_values(h)
         x = self.sub1.out(x, self.self_attn.attend(h, k, v, causal=x.size(1) > 1)[0])
         return self._cross_and_ffn(x, cross_kv, src_mask, False, 1)[0]
+
+    def forward_with_attention(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor
+                               ) -> tuple[Tensor, Tensor]:
+        """forward() that also returns the per-head cross-attention (B, H, T, S) (alignment, plots)."""
+        h = self.sub1.inp(x)
+        k, v = self.self_attn.keys_values(h)
+        x = self.sub1.out(x, self.self_attn.attend(h, k, v, causal=x.size(1) > 1)[0])
+        ctx, weights = self.cross_attn.attend(self.sub2.inp(x), *cross_kv, mask=src_mask, need_weights=True,
+                                              average_heads=False)
+        x = self.sub2.out(x, ctx)
+        assert weights is not None
+        return self.sub3.out(x, self.ffn(self.sub3.inp(x))), weights
 
     def step(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor,
              cache: Optional[tuple[Tensor, Tensor]], pos: int, need_weights: bool = False, group: int = 1
@@ -353,6 +369,20 @@ class Seq2SeqTransformer(nn.Module):
         if padded != k:
             rows = torch.cat([rows, rows.new_zeros(padded - k, rows.size(1))])
         return self.output(rows)[:k]
+
+    @torch.no_grad()
+    def cross_attention(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced cross-attention of every decoder layer and head: (L, B, H, T, S) float32.
+        src (B, S) with EOS, tgt_in (B, T) = BOS + target tokens; row t is the attention while
+        predicting target token t."""
+        memory, src_mask = self.encode(src)
+        state = self.start_from(memory, src_mask)
+        x = self._embed(self.tgt_embed, tgt_in)
+        maps = []
+        for layer, kv in zip(self.decoder, state.cross_kv):
+            x, w = layer.forward_with_attention(x, kv, src_mask[:, None, None, :])
+            maps.append(w.float())
+        return torch.stack(maps)
 
     def start_from(self, memory: Tensor, src_mask: Tensor) -> DecoderState:
         dtype = stored_dtype(memory)

@@ -156,10 +156,12 @@ class DecodeConfig(_Strict):
     max_len_a: float = Field(1.5, ge=0.0)
     max_len_b: int = Field(10, ge=0)
     no_repeat_ngram: int = Field(0, ge=0)
+    repeat_guard: int = Field(0, ge=0, description="forbid a token that would repeat one n-gram (n <= 8 "
+                                                   "pieces) this many times in a row (0 = off)")
     sample: bool = False
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0 = greedy (argmax)")
     seed: int = 0
     stop_early: bool = Field(True, description="a sentence is done once it has `beam` finished hypotheses "
                                                "(fairseq); false: only when no open one can still win")

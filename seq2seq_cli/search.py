@@ -17,6 +17,13 @@ Conventions (shared with `penalties.py`):
 The settings are a `recipe.DecodeConfig` (its speed-only fields batch_tokens, workers and
 precision are read by `translate_ids` and the Translator, not by the search itself).
 `translate_ids` is the batched entry point shared by decoding and training's validation.
+  * Per-sentence extras, passed as arguments (not options): `constraints` (target phrases as
+    token ids that must appear; beam search only, see constraints.py) and `prefixes` (target
+    tokens forced at the first steps, their log-probs counted; max_len is raised to fit them).
+  * opts.repeat_guard = k > 0 forbids a token that would make the output end with the same
+    n-gram (n = 1..REPEAT_GUARD_MAX_N pieces) k times in a row ("a a a" for k = 3, n = 1;
+    "x y x y x y" for n = 2): a hard stop for looping outputs, milder than no_repeat_ngram.
+  * Sampling with temperature 0 is greedy decoding (argmax of the filtered distribution).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .data import length_batches, pad_rows
+from .constraints import ConstraintBeams, as_constraint_beams, check_constraints, order_candidates
 from .penalties import length_penalty, rescore
 from .recipe import DecodeConfig
 
@@ -38,6 +46,7 @@ __all__ = ["Seq2SeqDecoder", "Hypothesis", "translate_ids", "batch_by_tokens", "
            "search", "top_k_top_p_filter", "Ensemble", "EnsembleState"]
 
 NEG_INF = float("-inf")
+REPEAT_GUARD_MAX_N = 8
 
 
 class DecoderStateLike(Protocol):
@@ -72,20 +81,75 @@ class Seq2SeqDecoder(Protocol):
 
 @dataclass
 class Hypothesis:
-    """One output: tokens without BOS/EOS, final rescored score, summed log-prob (EOS included)."""
+    """One output: tokens without BOS/EOS, final rescored score, summed log-prob (EOS included),
+    and how many of its sentence's constraints it misses (0 unless max_len cut it short)."""
 
     tokens: list[int]
     score: float
     log_prob: float
+    unmet: int = 0
 
 
 # ------------------------------------------------------------------------------ shared steps
 
-def _max_lengths(src_mask: Tensor, opts: DecodeConfig, model: Seq2SeqDecoder) -> Tensor:
-    """(N,) max_len = min(int(max_len_a * |X| + max_len_b), max_positions - 1) per row."""
+def _max_lengths(src_mask: Tensor, opts: DecodeConfig, model: Seq2SeqDecoder,
+                 at_least: Optional[Tensor] = None) -> Tensor:
+    """(N,) max_len = min(int(max_len_a * |X| + max_len_b), max_positions - 1) per row, raised to
+    at_least (N,) (the forced prefix lengths, which are cut to max_positions - 1)."""
     cap = model.cfg.max_positions - 1
     lengths = [min(int(opts.max_len_a * n + opts.max_len_b), cap) for n in src_mask.sum(1).tolist()]
-    return torch.tensor(lengths, dtype=torch.long, device=src_mask.device)
+    out = torch.tensor(lengths, dtype=torch.long, device=src_mask.device)
+    return out if at_least is None else torch.maximum(out, at_least)
+
+
+class _Prefixes:
+    """Forced target prefixes of a batch: tokens (B, L) padded with -1, lengths (B,)."""
+
+    def __init__(self, prefixes: Sequence[Sequence[int]], cap: int, device: torch.device) -> None:
+        cut = [list(p)[:cap] for p in prefixes]
+        width = max((len(p) for p in cut), default=0)
+        self.tokens = torch.full((len(cut), max(width, 1)), -1, dtype=torch.long, device=device)
+        for i, p in enumerate(cut):
+            self.tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self.lengths = torch.tensor([len(p) for p in cut], dtype=torch.long, device=device)
+        self.width = width
+
+    def at(self, t: int, sent: Tensor) -> Optional[Tensor]:
+        """(N,) the token forced at step t for rows of sentences `sent` (-1 = free), or None."""
+        return self.tokens[sent, t] if t < self.width else None
+
+
+def _make_prefixes(prefixes: Optional[Sequence[Sequence[int]]], model: Seq2SeqDecoder, src: Tensor
+                   ) -> Optional[_Prefixes]:
+    if prefixes is None or not any(len(p) for p in prefixes):
+        return None
+    if len(prefixes) != src.size(0):
+        raise ValueError(f"{len(prefixes)} prefixes for {src.size(0)} sentences")
+    return _Prefixes(prefixes, model.cfg.max_positions - 1, src.device)
+
+
+def _guard_repeats(log_probs: Tensor, history: Tensor, k: int) -> Tensor:
+    """Forbid (-inf) each token that would make the history end with one n-gram repeated k times
+    in a row, n = 1..REPEAT_GUARD_MAX_N. log_probs (N, V) in place; history (N, t).
+
+    Appending y repeats an n-gram k times iff the last k*n - 1 tokens have period n and y equals
+    the token n positions back."""
+    t = history.size(1)
+    if k <= 1:
+        return log_probs
+    for n in range(1, REPEAT_GUARD_MAX_N + 1):
+        span = k * n - 1
+        if span > t:
+            break
+        tail = history[:, t - span:]  # (N, span)
+        if span > n:
+            periodic = (tail[:, :-n] == tail[:, n:]).all(1)  # (N,)
+        else:  # k = 1 never gets here; k*n - 1 == n only for k = 2, n = 1: "a" + "a" repeats
+            periodic = torch.ones(tail.size(0), dtype=torch.bool, device=tail.device)
+        if bool(periodic.any()):
+            rows = periodic.nonzero().squeeze(1)
+            log_probs[rows, history[rows, t - n]] = NEG_INF
+    return log_probs
 
 
 def _ban_repeats(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
@@ -104,20 +168,31 @@ def _ban_repeats(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
 
 
 def _constrain(log_probs: Tensor, history: Tensor, max_len: Tensor, opts: DecodeConfig,
-               model: Seq2SeqDecoder) -> Tensor:
+               model: Seq2SeqDecoder, forced: Optional[Tensor] = None) -> Tensor:
     """Apply the generation rules at step t = history.size(1) to log_probs (N, V), in place:
-    no PAD/BOS; no EOS while t < min_len; no repeated n-gram; only EOS once t >= max_len (N,)."""
+    no PAD/BOS; no EOS while t < min_len; no repeated n-gram; no k-fold tandem repeat; only EOS
+    once t >= max_len (N,); then, where forced (N,) is >= 0, only the forced prefix token (with
+    its own log-prob; a forced prefix overrides every other rule)."""
     t, eos = history.size(1), model.eos_id
+    forced_log_prob = None
+    if forced is not None:
+        is_forced = forced >= 0  # (N,)
+        forced_log_prob = log_probs.gather(1, forced.clamp(min=0)[:, None]).squeeze(1)  # (N,)
     eos_log_prob = log_probs[:, eos].clone()  # (N,)
     for tok in {model.pad_id, model.bos_id} - {eos}:
         log_probs[:, tok] = NEG_INF
     if t < opts.min_len:
         log_probs[:, eos] = NEG_INF
     _ban_repeats(log_probs, history, opts.no_repeat_ngram)
-    forced = max_len <= t  # (N,)
-    if bool(forced.any()):
-        log_probs[forced] = NEG_INF
-        log_probs[forced, eos] = eos_log_prob[forced]
+    _guard_repeats(log_probs, history, opts.repeat_guard)
+    at_max = max_len <= t  # (N,)
+    if bool(at_max.any()):
+        log_probs[at_max] = NEG_INF
+        log_probs[at_max, eos] = eos_log_prob[at_max]
+    if forced_log_prob is not None and bool(is_forced.any()):
+        rows = is_forced.nonzero().squeeze(1)
+        log_probs[rows] = NEG_INF
+        log_probs[rows, forced[rows]] = forced_log_prob[rows]
     return log_probs
 
 
@@ -145,28 +220,32 @@ def _hypotheses(history: Tensor, sum_log_prob: Tensor, coverage: Optional[Tensor
 
 
 def _best_first(finished: list[list[Hypothesis]], n: int) -> list[list[Hypothesis]]:
-    """The n best hypotheses per sentence by final score (stable: ties keep discovery order)."""
-    return [sorted(hyps, key=lambda h: -h.score)[:n] or [Hypothesis([], NEG_INF, NEG_INF)]  # all forbidden
-            for hyps in finished]
+    """The n best hypotheses per sentence: fewest unmet constraints first, then by final score
+    (stable: ties keep discovery order)."""
+    return [sorted(hyps, key=lambda h: (h.unmet, -h.score))[:n] or [Hypothesis([], NEG_INF, NEG_INF)]
+            for hyps in finished]  # an empty list: every continuation was forbidden
 
 
 # ------------------------------------------------------------------ greedy and sampling
 
 def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig, copies: int,
-                  choose: Callable[[Tensor], Tensor]) -> list[list[Hypothesis]]:
+                  choose: Callable[[Tensor], Tensor], prefixes: Optional[Sequence[Sequence[int]]] = None
+                  ) -> list[list[Hypothesis]]:
     """Extend `copies` independent paths per sentence by `choose(log_probs (N, V)) -> (N,)` until
     EOS; finished rows leave the batch at once."""
     sent = torch.arange(src.size(0), device=src.device).repeat_interleave(copies)  # (N,)
     state = model.start(src).select(sent)
-    max_len = _max_lengths(state.src_mask, opts, model)  # (N,)
+    pre = _make_prefixes(prefixes, model, src)
+    max_len = _max_lengths(state.src_mask, opts, model, None if pre is None else pre.lengths[sent])  # (N,)
     history = src.new_empty((sent.numel(), 0))  # (N, t)
     sum_lp = torch.zeros(sent.numel(), device=src.device)  # (N,)
     coverage = torch.zeros(state.src_mask.shape, device=src.device) if opts.beta > 0 else None  # (N, S)
     finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
     while sent.numel():
         log_probs, attn = model.step(_last_tokens(history, model.bos_id), state, opts.beta > 0)
-        log_probs = _constrain(log_probs, history, max_len, opts, model)
-        tok = choose(log_probs)  # (N,)
+        forced = None if pre is None else pre.at(history.size(1), sent)
+        log_probs = _constrain(log_probs, history, max_len, opts, model, forced)
+        tok = choose(log_probs) if forced is None else torch.where(forced >= 0, forced, choose(log_probs))
         sum_lp = sum_lp + log_probs.gather(1, tok[:, None]).squeeze(1)
         coverage, done = _accumulate(coverage, attn), tok.eq(model.eos_id)
         hyps = _hypotheses(history[done], sum_lp[done], None if coverage is None else coverage[done],
@@ -181,9 +260,10 @@ def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig, copies
 
 
 @torch.no_grad()
-def greedy_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig) -> list[list[Hypothesis]]:
+def greedy_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
+                  prefixes: Optional[Sequence[Sequence[int]]] = None) -> list[list[Hypothesis]]:
     """Pick the most probable token at each step; one hypothesis per sentence. src (B, S)."""
-    return _decode_paths(model, src, opts, 1, lambda log_probs: log_probs.argmax(-1))
+    return _decode_paths(model, src, opts, 1, lambda log_probs: log_probs.argmax(-1), prefixes)
 
 
 def top_k_top_p_filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -204,18 +284,24 @@ def top_k_top_p_filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 @torch.no_grad()
 def sample(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
-           generator: Optional[torch.Generator] = None) -> list[list[Hypothesis]]:
+           generator: Optional[torch.Generator] = None,
+           prefixes: Optional[Sequence[Sequence[int]]] = None) -> list[list[Hypothesis]]:
     """Ancestral sampling from softmax(top_k_top_p_filter(log_probs / temperature)); n_best
     independent samples per sentence, best score first. Scores use the model's own log-probs (not
-    the tempered or filtered ones). Without a generator, one seeded with opts.seed is used."""
+    the tempered or filtered ones). Without a generator, one seeded with opts.seed is used.
+    temperature 0 is the limit of sampling as the temperature goes to 0: the argmax (greedy)."""
+    if opts.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, not {opts.temperature}")
     if generator is None:
         generator = torch.Generator(device=src.device).manual_seed(opts.seed)
 
     def choose(log_probs: Tensor) -> Tensor:
+        if opts.temperature == 0:
+            return log_probs.argmax(-1)
         logits = top_k_top_p_filter(log_probs / opts.temperature, opts.top_k, opts.top_p)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
-    return _decode_paths(model, src, opts, opts.n_best, choose)
+    return _decode_paths(model, src, opts, opts.n_best, choose, prefixes)
 
 
 # ------------------------------------------------------------------------------ beam search
@@ -230,14 +316,17 @@ class _Beams:
     history: Tensor  # (A*k, t) generated tokens, no BOS
     scores: Tensor  # (A*k,) RAW summed log-probs; -inf = empty slot
     coverage: Optional[Tensor]  # (A*k, S) summed cross-attention, only when beta > 0
+    cons: Optional[ConstraintBeams] = None  # per-row constraint states, only with constraints
 
 
-def _init_beams(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig) -> _Beams:
+def _init_beams(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
+                prefixes: Optional[_Prefixes] = None) -> _Beams:
     """Encode once, copy each sentence's state to k rows; only row 0 is live (the rest -inf),
     so the first step does not pick k copies of the same token."""
     k, b = opts.beam, src.size(0)
     state = model.start(src)
-    max_len = _max_lengths(state.src_mask, opts, model)  # (B,)
+    max_len = _max_lengths(state.src_mask, opts, model,
+                           None if prefixes is None else prefixes.lengths)  # (B,)
     state = state.select(torch.arange(b, device=src.device).repeat_interleave(k))
     scores = torch.full((b, k), NEG_INF, device=src.device)
     scores[:, 0] = 0.0
@@ -272,6 +361,9 @@ def _collect_finished(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], opts: 
     r = rows[which, pos]  # (F,)
     cov = None if beams.coverage is None else beams.coverage[r]
     hyps = _hypotheses(beams.history[r], top[which, pos], cov, beams.state.src_mask[r], opts)
+    if beams.cons is not None:  # constraints: at max_len a hypothesis may finish with some unmet
+        for hyp, unmet in zip(hyps, beams.cons.unmet(r)):
+            hyp.unmet = unmet
     for s, hyp in zip(beams.sent[which].tolist(), hyps):
         finished[s].append(hyp)
 
@@ -285,8 +377,9 @@ def _advance(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], k: int, eos: in
     rows, toks = rows.gather(1, order).view(-1), toks.gather(1, order).view(-1)  # (A*k,)
     coverage = None if beams.coverage is None else beams.coverage[rows]
     history = torch.cat([beams.history[rows], toks[:, None]], 1)  # (A*k, t+1)
+    cons = None if beams.cons is None else beams.cons.advance(rows, toks)
     return replace(beams, state=beams.state.select(rows), history=history,
-                   scores=top.gather(1, order).view(-1), coverage=coverage)
+                   scores=top.gather(1, order).view(-1), coverage=coverage, cons=cons)
 
 
 def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: DecodeConfig) -> _Beams:
@@ -313,34 +406,72 @@ def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: DecodeConf
     keep = (~done).nonzero().squeeze(1)  # (A',)
     rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)  # (A'*k,)
     coverage = None if beams.coverage is None else beams.coverage[rows]
+    cons = None if beams.cons is None else beams.cons.select(rows)
     return _Beams(beams.sent[keep], beams.max_len[keep], beams.state.select(rows), beams.history[rows],
-                  beams.scores[rows], coverage)
+                  beams.scores[rows], coverage, cons)
 
 
 @torch.no_grad()
-def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig) -> list[list[Hypothesis]]:
+def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
+                constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+                prefixes: Optional[Sequence[Sequence[int]]] = None,
+                word_continuations: Optional[Tensor] = None) -> list[list[Hypothesis]]:
     """Batched beam search (k = opts.beam rows per sentence); n_best hypotheses per sentence, best
-    final score first. src (B, S) padded with model.pad_id."""
-    beams = _init_beams(model, src, opts)
+    final score first. src (B, S) padded with model.pad_id. constraints[b]: sentence b's target
+    phrases (token ids) that must all appear (dynamic beam allocation, constraints.py);
+    prefixes[b]: target tokens forced at its first steps. word_continuations (V,) bool: pieces
+    that continue a word (no word-start mark, start with a letter or digit), forbidden right after
+    a constraint is completed so that a constraint is a whole word in the output."""
+    if constraints is not None:
+        if len(constraints) != src.size(0):
+            raise ValueError(f"{len(constraints)} constraint lists for {src.size(0)} sentences")
+        for cs in constraints:
+            check_constraints(cs, (model.pad_id, model.bos_id, model.eos_id))
+    pre = _make_prefixes(prefixes, model, src)
+    beams = _init_beams(model, src, opts, pre)
+    beams.cons = as_constraint_beams(constraints, opts.beam)
     finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
     while beams.sent.numel():
         log_probs, attn = model.step(_last_tokens(beams.history, model.bos_id), beams.state, opts.beta > 0)
         beams.coverage = _accumulate(beams.coverage, attn)  # (A*k, S), before back-pointers reorder it
         max_len = beams.max_len.repeat_interleave(opts.beam)  # (A*k,)
-        cand = _expand(beams, _constrain(log_probs, beams.history, max_len, opts, model), opts.beam)
+        forced = None if pre is None else pre.at(beams.history.size(1),
+                                                 beams.sent.repeat_interleave(opts.beam))
+        log_probs = _constrain(log_probs, beams.history, max_len, opts, model, forced)
+        if beams.cons is not None:  # no EOS before every constraint is met (unless at max_len)
+            log_probs[beams.cons.unmet_mask(log_probs.device) & (max_len > beams.history.size(1)),
+                      model.eos_id] = NEG_INF
+            if word_continuations is not None:
+                closed = beams.cons.closed_mask(log_probs.device)
+                if forced is not None:
+                    closed &= forced < 0
+                if bool(closed.any()):
+                    log_probs[closed] = log_probs[closed].masked_fill(word_continuations.to(log_probs.device),
+                                                                      NEG_INF)
+        cand = _expand(beams, log_probs, opts.beam)
+        if beams.cons is not None:
+            cand = order_candidates(beams.cons, beams.scores, log_probs, cand, opts.beam, model.eos_id)
         _collect_finished(beams, cand, opts, model.eos_id, finished)
         beams = _drop_done(_advance(beams, cand, opts.beam, model.eos_id), finished, opts)
     return _best_first(finished, opts.n_best)
 
 
 def search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
-           generator: Optional[torch.Generator] = None) -> list[list[Hypothesis]]:
-    """Sampling if opts.sample; greedy when beam == n_best == 1; beam search otherwise."""
+           generator: Optional[torch.Generator] = None,
+           constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+           prefixes: Optional[Sequence[Sequence[int]]] = None,
+           word_continuations: Optional[Tensor] = None) -> list[list[Hypothesis]]:
+    """Sampling if opts.sample; greedy when beam == n_best == 1; beam search otherwise.
+    Constraints need beam search (with beam 1 it is beam search with one row, not greedy)."""
+    has_constraints = constraints is not None and any(len(cs) for cs in constraints)
     if opts.sample:
-        return sample(model, src, opts, generator)
-    if opts.beam == 1 and opts.n_best == 1:
-        return greedy_search(model, src, opts)
-    return beam_search(model, src, opts)
+        if has_constraints:
+            raise ValueError("lexical constraints need beam search, not sampling")
+        return sample(model, src, opts, generator, prefixes)
+    if opts.beam == 1 and opts.n_best == 1 and not has_constraints:
+        return greedy_search(model, src, opts, prefixes)
+    return beam_search(model, src, opts, constraints if has_constraints else None, prefixes,
+                       word_continuations)
 
 
 # -------------------------------------------------------------------------------- ensembles
@@ -401,9 +532,13 @@ def batch_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]
 def translate_ids(model: Seq2SeqDecoder, src_ids: Sequence[list[int]], opts: DecodeConfig,
                   device: torch.device, pad_id: int,
                   on_batch: Optional[Callable[[int, int], None]] = None, workers: int = 1,
-                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                  ) -> list[list[Hypothesis]]:
+                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+                  prefixes: Optional[Sequence[Sequence[int]]] = None,
+                  word_continuations: Optional[Tensor] = None) -> list[list[Hypothesis]]:
     """Search every source (ids ending in EOS), batched by length; results in input order.
+
+    `constraints` / `prefixes` (aligned with src_ids) are passed to the search per sentence.
 
     Batches hold at most `opts.batch_tokens` padded source tokens, divided by the rows each
     sentence occupies (beam, or n_best samples). `workers` > 1 searches that many batches at
@@ -419,8 +554,11 @@ def translate_ids(model: Seq2SeqDecoder, src_ids: Sequence[list[int]], opts: Dec
 
     def run(index: list[int]) -> list[list[Hypothesis]]:
         src = pad_rows([src_ids[i] for i in index], pad_id)
+        cons = None if constraints is None else [constraints[i] for i in index]
+        pre = None if prefixes is None else [prefixes[i] for i in index]
         with torch.inference_mode(), context():
-            return search(model, src.to(device), opts)
+            return search(model, src.to(device), opts, constraints=cons, prefixes=pre,
+                          word_continuations=word_continuations)
 
     def done(index: list[int], hyps: list[list[Hypothesis]]) -> None:
         for i, h in zip(index, hyps):

@@ -11,14 +11,19 @@ Precision: fp32; bf16 (autocast: matmuls in bf16, softmax/norms and the search i
 quantised per batch on the fly, int32 accumulation; CPU only), with attention and its cached keys/
 values in bf16 autocast where the CPU computes bf16 natively. Embeddings stay fp32.
 
+Document decoding (issue 18): per-line lexical constraints (a constraints file and/or a glossary
+whose source terms are matched case-insensitively at word boundaries), forced target prefixes,
+and Pharaoh word alignments (align.py) are read, checked and threaded through `run_decode`.
+
 This room does not train. Public names: Translator, TranslateStats, set_precision, format_hypotheses,
-run_decode.
+run_decode, read_constraints, read_glossary, read_prefixes, glossary_constraints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +38,8 @@ from .recipe import DecodeConfig, resolve_decode
 from .search import Ensemble, Hypothesis, translate_ids
 from .tokenizer import Tokenizer
 
-__all__ = ["Translator", "TranslateStats", "set_precision", "format_hypotheses", "run_decode"]
+__all__ = ["Translator", "TranslateStats", "set_precision", "format_hypotheses", "run_decode", "LineInputs",
+           "read_constraints", "read_glossary", "read_prefixes", "glossary_constraints"]
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,6 +75,7 @@ class TranslateStats:
     target_tokens: int = 0
     truncated_lines: list[int] = field(default_factory=list)
     config: Optional[DecodeConfig] = None  # the settings in force
+    unmet_lines: list[int] = field(default_factory=list)  # constraints not all met (max_len reached)
 
 
 class Translator:
@@ -98,6 +105,8 @@ class Translator:
         self.model = models[0] if len(models) == 1 else Ensemble(models)
         self.max_src = min(m.cfg.max_positions for m in models) - 1
         self.stats = TranslateStats(config=self.config)
+        self._last_ids: dict[int, list[int]] = {}  # source ids of the last window's non-empty lines
+        self._word_cont: Optional[torch.Tensor] = None
         self.workers = self.config.workers or self.auto_workers(self.device)
 
     @staticmethod
@@ -135,43 +144,168 @@ class Translator:
         return ids + [self.tokenizer.eos_id]
 
     def translate_window(self, lines: Sequence[str], opts: Optional[DecodeConfig] = None, first_line_no: int = 1,
-                         on_batch: Optional[Callable[[int, int], None]] = None) -> list[list[Hypothesis]]:
+                         on_batch: Optional[Callable[[int, int], None]] = None,
+                         constraints: Optional[Sequence[Sequence[str]]] = None,
+                         prefixes: Optional[Sequence[str]] = None) -> list[list[Hypothesis]]:
         """Translate a list of lines (with `opts`, default the config in force); empty ones give an
-        empty hypothesis list."""
+        empty hypothesis list. constraints[i]: target phrases line i's output must contain;
+        prefixes[i]: text its output starts with."""
         opts = opts or self.config
         cleaned = [clean_line(x) for x in lines]
         todo = [i for i, x in enumerate(cleaned) if x]
         self.stats.lines += len(lines)
         self.stats.empty += len(lines) - len(todo)
         ids = [self.encode(cleaned[i], first_line_no + i) for i in todo]
-        hyps = translate_ids(self.model, ids, opts, self.device, self.tokenizer.pad_id, on_batch,
-                             self.workers, self.autocast)
+        cons = None if constraints is None else [self.encode_constraints(constraints[i]) for i in todo]
+        pre = None if prefixes is None else [self.tokenizer.encode_tgt(prefixes[i]) for i in todo]
+        hyps = translate_ids(self.model, ids, opts, self.device, self.tokenizer.pad_id, on_batch, self.workers,
+                             self.autocast, cons, pre, None if cons is None else self.word_continuations())
         out: list[list[Hypothesis]] = [[] for _ in lines]
         for i, h in zip(todo, hyps):
             out[i] = h
             self.stats.target_tokens += sum(len(x.tokens) for x in h[:1])
+            if h and h[0].unmet:
+                self.stats.unmet_lines.append(first_line_no + i)
+                log.warning("line %d: %d of its %d constraints not met within the length limit",
+                            first_line_no + i, h[0].unmet, len(constraints[i]) if constraints else 0)
+        self._last_ids = dict(zip(todo, ids))
+        return out
+
+    def word_continuations(self) -> torch.Tensor:
+        """(V,) True at target pieces that continue a word: no '▁', first character a letter or
+        digit (punctuation may follow a constraint directly)."""
+        if self._word_cont is None:
+            pieces = [self.tokenizer.id_to_piece(i, "tgt") for i in range(self.tokenizer.tgt_vocab_size)]
+            self._word_cont = torch.tensor([p[:1].isalnum() for p in pieces], dtype=torch.bool)
+        return self._word_cont
+
+    def encode_constraints(self, phrases: Sequence[str]) -> list[list[int]]:
+        """Target ids of each distinct phrase. sentencepiece encodes a phrase alone with the
+        word-initial '▁' it has after a space in a sentence, and never lets a piece cross a space,
+        so a phrase encodes as it appears inside a translation (after a space or at the start)."""
+        out: list[list[int]] = []
+        for p in dict.fromkeys(x.strip() for x in phrases):
+            ids = self.tokenizer.encode_tgt(p) if p else []
+            if not ids:
+                raise DataError(f"constraint {p!r} encodes to no target pieces")
+            out.append(ids)
+        return out
+
+    def alignments(self, hyps: Sequence[list[Hypothesis]], n_best: int) -> list[list[str]]:
+        """Pharaoh word alignments (see align.py) of the hypotheses of the last translate_window."""
+        from .align import align_batch
+        model = self.model.models[0] if isinstance(self.model, Ensemble) else self.model
+        pairs = [(i, h) for i, hs in enumerate(hyps) if hs for h in hs[:max(1, n_best)]]
+        out: list[list[str]] = [[] for _ in hyps]
+        for start in range(0, len(pairs), 64):
+            chunk = pairs[start:start + 64]
+            with torch.inference_mode(), self.autocast():
+                links = align_batch(model, self.tokenizer, [self._last_ids[i] for i, _ in chunk],
+                                    [h.tokens for _, h in chunk], self.device)
+            for (i, _), a in zip(chunk, links):
+                out[i].append(a)
         return out
 
     def detok(self, hyp: Hypothesis) -> str:
         return self.tokenizer.decode_tgt(hyp.tokens)
 
+    def detok_ids(self, pieces: Sequence[str]) -> str:
+        """Target text of target pieces (for titles): '▁' back to spaces."""
+        return "".join(pieces).replace("\u2581", " ").strip()
 
-def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int, n_best: int) -> list[str]:
-    """1-best: the detokenised text (empty for an empty input line); n-best: 'index<TAB>score<TAB>text' rows."""
+
+def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int, n_best: int,
+                      alignments: Optional[list[str]] = None) -> list[str]:
+    """1-best: the detokenised text (empty for an empty input line); n-best: 'index<TAB>score<TAB>text'
+    rows. With alignments (one Pharaoh string per hypothesis), each row gains '<TAB>alignment'."""
+    def tail(j: int) -> str:
+        if alignments is None:
+            return ""
+        return "\t" + (alignments[j] if j < len(alignments) else "")
+
     if n_best <= 1:
-        return [translator.detok(hyps[0]) if hyps else ""]
+        return [(translator.detok(hyps[0]) if hyps else "") + tail(0)]
     if not hyps:
-        return [f"{index}\t0.0\t"]
-    return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" for h in hyps[:n_best]]
+        return [f"{index}\t0.0\t" + tail(0)]
+    return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" + tail(j) for j, h in enumerate(hyps[:n_best])]
+
+
+# ---------------------------------------------------------- document decoding inputs (issue 18)
+
+def read_constraints(path: Path, errors: str = "strict") -> list[list[str]]:
+    """One line per input line: target phrases separated by tabs; an empty line = no constraint."""
+    from .data import iter_lines
+    out = []
+    for n, line in enumerate(iter_lines(path, errors, {}), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            out.append([])
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if not all(fields):
+            raise DataError(f"{path}: line {n}: empty constraint (two tabs in a row, or a tab at an end)")
+        out.append(fields)
+    return out
+
+
+def read_prefixes(path: Path, errors: str = "strict") -> list[str]:
+    """One line per input line: the text its translation starts with (empty = none)."""
+    from .data import iter_lines
+    return [clean_line(x) for x in iter_lines(path, errors, {})]
+
+
+def read_glossary(path: Path, errors: str = "strict") -> list[tuple[re.Pattern[str], str]]:
+    """'source term<TAB>target term' lines (blank lines skipped) → (source pattern, target term).
+    A term matches case-insensitively at word boundaries (not inside a longer word)."""
+    from .data import iter_lines
+    out = []
+    for n, line in enumerate(iter_lines(path, errors, {}), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataError(f"{path}: line {n}: expected 'source term<TAB>target term', found no tab")
+        src, tgt = (x.strip() for x in line.split("\t", 1))
+        if not src or not tgt or "\t" in tgt:
+            raise DataError(f"{path}: line {n}: expected two non-empty fields: 'source term<TAB>target term'")
+        words = r"\s+".join(re.escape(w) for w in src.split())
+        out.append((re.compile(rf"(?<!\w){words}(?!\w)", re.IGNORECASE), tgt))
+    return out
+
+
+def glossary_constraints(glossary: Sequence[tuple[re.Pattern[str], str]], line: str) -> list[str]:
+    """Target terms of the glossary entries whose source term occurs in `line`."""
+    return [tgt for pattern, tgt in glossary if pattern.search(line)]
+
+
+def _slice(rows: Optional[list], start: int, n: int, path: Optional[Path]) -> Optional[list]:
+    """rows[start:start+n], or a one-line error when the file has fewer lines than the input."""
+    if rows is None:
+        return None
+    if start + n > len(rows):
+        raise DataError(f"{path}: has {len(rows)} lines but the input has more "
+                        f"(line {len(rows) + 1} is missing)")
+    return rows[start:start + n]
+
+
+@dataclass(frozen=True)
+class LineInputs:
+    """Per-line inputs of `translate decode` besides the text: constraints, glossary, prefixes, alignments."""
+
+    constraints_file: Optional[Path] = None  # tab-separated target phrases per input line
+    glossary_file: Optional[Path] = None  # source term<TAB>target term; a term found in a line adds a constraint
+    prefix_file: Optional[Path] = None  # the text each output line starts with
+    align: bool = False  # append Pharaoh word alignments
 
 
 def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str, Any], stream: bool = False,
                device: str = "auto", threads: int = 0, encoding_errors: str = "strict",
-               recipe: Optional[DecodeConfig] = None) -> TranslateStats:
+               recipe: Optional[DecodeConfig] = None, inputs: LineInputs = LineInputs()) -> TranslateStats:
     """The `translate decode` workflow: read lines, translate in order, write atomically, report.
 
     `options` are the command line's decoding settings (None = not given); `recipe` a recipe's
-    decode section whose explicit keys rank below them (`translate run`).
+    decode section whose explicit keys rank below them (`translate run`); `inputs` the per-line
+    constraints, glossary, prefixes and the alignment switch.
     """
     import sys
     import time
@@ -181,8 +315,21 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
 
     if encoding_errors not in ("strict", "replace"):
         raise DataError(f"--encoding-errors must be strict or replace, not {encoding_errors!r}")
+    constraints_file, prefix_file = inputs.constraints_file, inputs.prefix_file
+    # read and check the per-line inputs before loading the model
+    cons_rows = None if constraints_file is None else read_constraints(Path(constraints_file), encoding_errors)
+    glossary = None if inputs.glossary_file is None else read_glossary(Path(inputs.glossary_file), encoding_errors)
+    prefix_rows = None if prefix_file is None else read_prefixes(Path(prefix_file), encoding_errors)
+    if input != "-" and (cons_rows is not None or prefix_rows is not None):
+        from .data import iter_lines
+        n_input = sum(1 for _ in iter_lines(Path(input), encoding_errors, {}))
+        for rows_, path in ((cons_rows, constraints_file), (prefix_rows, prefix_file)):
+            if rows_ is not None and len(rows_) != n_input:
+                raise DataError(f"{path}: has {len(rows_)} lines but {input} has {n_input}")
     translator = Translator(paths, str(pick_device(device)), threads, options, recipe)
-    n_best = translator.config.n_best
+    opts = translator.config
+    if (cons_rows is not None or glossary is not None) and opts.sample:
+        raise DataError("--constraints and --glossary need beam search, not --sample")
     counts: dict = {}
     from_stdin = input == "-"
     if from_stdin:
@@ -193,14 +340,24 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
     start, index = time.perf_counter(), 0
     try:
         for chunk in chunks:
-            hyps = translator.translate_window(chunk, None, index + 1)
-            rows = [r for i, h in enumerate(hyps) for r in format_hypotheses(translator, h, index + i, n_best)]
+            cons = _slice(cons_rows, index, len(chunk), constraints_file)
+            if glossary is not None:
+                base = cons if cons is not None else [[] for _ in chunk]
+                cons = [c + glossary_constraints(glossary, clean_line(line)) for c, line in zip(base, chunk)]
+            pre = _slice(prefix_rows, index, len(chunk), prefix_file)
+            hyps = translator.translate_window(chunk, opts, index + 1, constraints=cons, prefixes=pre)
+            aligned = translator.alignments(hyps, opts.n_best) if inputs.align else [None] * len(hyps)
+            rows = [r for i, (h, a) in enumerate(zip(hyps, aligned))
+                    for r in format_hypotheses(translator, h, index + i, opts.n_best, a)]
             out.write_lines(rows, flush=from_stdin or output == "-")
             index += len(chunk)
             if not from_stdin:
                 rate = index / max(time.perf_counter() - start, 1e-9)
                 toks = translator.stats.target_tokens / max(time.perf_counter() - start, 1e-9)
                 sys.stderr.write(f"\r{index} lines  {rate:.1f} sent/s  {toks:.0f} tok/s")
+        for rows_, path in ((cons_rows, constraints_file), (prefix_rows, prefix_file)):
+            if rows_ is not None and len(rows_) != index:
+                raise DataError(f"{path}: has {len(rows_)} lines but the input has {index}")
         out.commit()
     except BaseException:
         out.abort()
@@ -208,6 +365,9 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
     s = translator.stats
     if not from_stdin:
         sys.stderr.write("\n")
+    if s.unmet_lines:
+        log.warning("%d lines did not meet all their constraints within the length limit (lines %s)",
+                    len(s.unmet_lines), ", ".join(map(str, s.unmet_lines[:20])))
     if s.truncated or counts.get("replaced_lines"):
         log.warning("%d lines truncated to the model's length limit, %d lines with invalid UTF-8 replaced",
                     s.truncated, counts.get("replaced_lines", 0))
