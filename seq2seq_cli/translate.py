@@ -254,10 +254,33 @@ def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int
     return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" for h in hyps[:n_best]]
 
 
+def translate_split(translator: Translator, lines: Sequence[str], opts: SearchOptions, batch_tokens: int
+                    ) -> list[str]:
+    """Translate each line as a document: split into sentences, translate them all in one window,
+    rejoin per line (the same split and join as `translate serve`)."""
+    from .segment import join_document, split_document
+
+    lang = translator.recipe.data.src_lang
+    docs = [split_document(clean_line(line), lang) for line in lines]
+    sentences = [s for d in docs for s in d.sentences]
+    hyps = translator.translate_window(sentences, opts, batch_tokens)
+    texts = [translator.detok(h[0]) if h else "" for h in hyps]
+    out, start = [], 0
+    for d in docs:
+        out.append(join_document(d, texts[start:start + len(d.sentences)]))
+        start += len(d.sentences)
+    return out
+
+
 def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, batch_tokens: Optional[int],
                stream: bool, device: str, threads: int, encoding_errors: str,
-               precision: Optional[str] = None, workers: Optional[int] = None) -> TranslateStats:
-    """The `translate decode` workflow: read lines, translate in order, write atomically, report."""
+               precision: Optional[str] = None, workers: Optional[int] = None,
+               split_sentences: bool = False) -> TranslateStats:
+    """The `translate decode` workflow: read lines, translate in order, write atomically, report.
+
+    split_sentences: each line is cut into sentences (segment.py, by the model's source language),
+    they are translated together, and each line's translations are joined with spaces.
+    """
     import sys
     import time
 
@@ -274,6 +297,8 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
     opts = translator.options(**overrides)
     if opts.n_best > opts.beam and not opts.sample:
         raise DataError(f"--n-best ({opts.n_best}) must not exceed --beam ({opts.beam})")
+    if split_sentences and opts.n_best > 1:
+        raise DataError("--split-sentences gives one line per input line: it cannot be combined with --n-best")
     budget = batch_tokens or translator.batch_tokens
     counts: dict = {}
     from_stdin = input == "-"
@@ -285,8 +310,11 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
     start, index = time.perf_counter(), 0
     try:
         for chunk in chunks:
-            hyps = translator.translate_window(chunk, opts, budget, index + 1)
-            rows = [r for i, h in enumerate(hyps) for r in format_hypotheses(translator, h, index + i, opts.n_best)]
+            if split_sentences:
+                rows = translate_split(translator, chunk, opts, budget)
+            else:
+                hyps = translator.translate_window(chunk, opts, budget, index + 1)
+                rows = [r for i, h in enumerate(hyps) for r in format_hypotheses(translator, h, index + i, opts.n_best)]
             out.write_lines(rows, flush=from_stdin or output == "-")
             index += len(chunk)
             if not from_stdin:
