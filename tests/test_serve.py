@@ -289,7 +289,7 @@ def test_opennmt_endpoint(served, cli_out) -> None:
 BAD = [  # (body bytes, content type, status, error code)
     (b'{"text": "one two', "application/json", 400, "malformed_json"),
     (b'{"text": "one \xff two"}', "application/json", 400, "invalid_utf8"),
-    (b'{"text": "one \\ud800 two"}', "application/json", 400, "invalid_utf8"),
+    (b'{"text": "one \\ud800 two", "target": "es"}', "application/json", 400, "invalid_utf8"),
     (json.dumps({"text": "one", "source": "en", "target": "de"}).encode(), "application/json", 400,
      "unsupported_pair"),
     (json.dumps({"text": "one"}).encode(), "application/json", 400, "ambiguous_pair"),
@@ -457,23 +457,24 @@ def test_web_page_in_headless_chromium(served, cli_out) -> None:
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
             page.goto(served.url + "/")
-            page.wait_for_function("document.querySelectorAll('#pair option').length == 2", timeout=15000)
+            page.locator("#pair option").nth(1).wait_for(state="attached", timeout=15000)  # (CSP: no eval)
             assert page.locator("#pair option").all_inner_texts() == ["en \u2192 es", "es \u2192 en"]
             page.select_option("#pair", "en|es")
             page.select_option("#nbest", "2")
             page.fill("#source", LINES[0])
             page.press("#source", "Control+Enter")
-            page.wait_for_function("document.querySelector('#output').textContent.length > 0", timeout=30000)
+            page.wait_for_selector("#output:not(:empty)", timeout=30000)
             items = page.locator("#alternatives li").count()
             assert items == 2  # the n-best list
             # the 1-best with the page's settings (beam max(2, default), n_best 2) equals the API's
             api = httpx.post(f"{served.url}/v1/translate", json={"text": LINES[0], "source": "en", "target": "es",
                                                                  "n_best": 2, "beam": 2}).json()
             assert page.inner_text("#output") == api["translations"][0]["text"]
+            page.select_option("#nbest", "1")
             page.fill("#source", LINES[2])
             page.click("#go")
-            page.wait_for_function(f"document.querySelector('#output').textContent != {json.dumps(page.inner_text('#output'))}",
-                                   timeout=30000)
+            sync_api.expect(page.locator("#output")).to_have_text(cli_out["plain"][2], timeout=30000)
+            assert page.locator("#alternatives li").count() == 0
             assert "sentence(s)" in page.inner_text("#status")
             assert not errors, errors
         finally:
