@@ -62,9 +62,15 @@ class BatchRecord:
 class Batcher:
     """Collect concurrent requests into batches and run them on one worker thread."""
 
-    def __init__(self, run: Callable[[list[str], Any], list[Any]], max_wait: float = 0.005,
-                 max_tokens: int = 4096, max_sentences: int = 256,
-                 on_batch: Optional[Callable[[BatchRecord], None]] = None, name: str = "batcher") -> None:
+    def __init__(
+        self,
+        run: Callable[[list[str], Any], list[Any]],
+        max_wait: float = 0.005,
+        max_tokens: int = 4096,
+        max_sentences: int = 256,
+        on_batch: Optional[Callable[[BatchRecord], None]] = None,
+        name: str = "batcher",
+    ) -> None:
         if max_wait < 0 or max_tokens < 1 or max_sentences < 1:
             raise ValueError("max_wait must be >= 0, max_tokens and max_sentences >= 1")
         self._run = run
@@ -134,7 +140,9 @@ class Batcher:
         for r in self._queue:
             if r.key != key:
                 continue
-            if group and (tokens + r.tokens > self.max_tokens or sentences + len(r.sentences) > self.max_sentences):
+            if group and (
+                tokens + r.tokens > self.max_tokens or sentences + len(r.sentences) > self.max_sentences
+            ):
                 break
             group.append(r)
             tokens += r.tokens
@@ -162,11 +170,18 @@ class Batcher:
             end = time.monotonic()
             at = 0
             for r in live:
-                r.future.set_result(results[at:at + len(r.sentences)])
+                r.future.set_result(results[at : at + len(r.sentences)])
                 at += len(r.sentences)
             if self._on_batch is not None:
                 try:
-                    self._on_batch(BatchRecord(len(live), len(sentences), sum(r.tokens for r in live),
-                                               start - live[0].arrived, end - start))
+                    self._on_batch(
+                        BatchRecord(
+                            len(live),
+                            len(sentences),
+                            sum(r.tokens for r in live),
+                            start - live[0].arrived,
+                            end - start,
+                        )
+                    )
                 except Exception:  # noqa: BLE001 - metrics must never stop the worker
                     log.exception("batch callback failed")

@@ -157,8 +157,8 @@ def decode(
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast) or int8 (quantised linear layers, CPU)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once, one thread each "
                                                               "(0 = one per CPU thread, at most 4)")] = None,
-    split_sentences: Annotated[bool, typer.Option("--split-sentences", help="cut each line into sentences (pysbd), "
-                                                  "translate them, rejoin them on one line")] = False,
+    split_sentences: Annotated[bool, typer.Option(
+        "--split-sentences", help="cut each line into sentences (pysbd), translate, rejoin")] = False,
 ) -> None:
     """Translate a file, or stdin line by line, with a trained checkpoint.
 
@@ -336,19 +336,19 @@ def bench(recipe: RecipeArg, set_: SetOpt = None,
 # The only hook of the HTTP server in this file: options -> ServeConfig -> serve.run_server.
 @app.command()
 def serve(
-    checkpoints: Annotated[Optional[List[Path]], typer.Argument(help="checkpoint(s) to serve, one model each; "
-                                                                     "each is known by its recipe's language pair")] = None,
+    checkpoints: Annotated[Optional[List[Path]], typer.Argument(
+        help="checkpoint(s) to serve, one model each, known by its recipe's language pair")] = None,
     host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: all interfaces)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port, logged)")] = 8000,
     models: Annotated[Optional[Path], typer.Option(help="YAML list of models: path, source, target")] = None,
     max_chars: Annotated[int, typer.Option(min=1, help="characters per request (more: 413)")] = 20000,
     max_sentences: Annotated[int, typer.Option(min=1, help="sentences per request (more: 413)")] = 256,
-    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a batch waits for more requests")] = 5.0,
-    batch_tokens: Annotated[Optional[int], typer.Option(min=1, help="batch budget: beam rows x source tokens "
-                                                                   "(default: the model's x workers)")] = None,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a batch waits for requests")] = 5.0,
+    batch_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="batch budget: beam rows x source tokens (default: the model's x workers)")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all cores)")] = 0,
-    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or int8 (default: the checkpoint's)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or int8 (default: checkpoint)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once per model")] = None,
     access_log: Annotated[bool, typer.Option(help="log one line per request")] = True,
 ) -> None:
@@ -365,8 +365,8 @@ def serve(
     with _user_errors():
         from .serve import ServeConfig, run_server
         config = ServeConfig(host=host, port=port, max_chars=max_chars, max_sentences=max_sentences,
-                             max_wait_ms=max_wait_ms, batch_tokens=batch_tokens, device=device, threads=threads,
-                             precision=precision, workers=workers, access_log=access_log)
+                             max_wait_ms=max_wait_ms, batch_tokens=batch_tokens, device=device,
+                             threads=threads, precision=precision, workers=workers, access_log=access_log)
         run_server(checkpoints or [], models, config)
 # ------------------------------------------------------------ end of translate serve (issue 17) --
 

@@ -89,6 +89,6 @@ def join_document(segmented: Segmented, translations: Sequence[str]) -> str:
     for i, n in enumerate(segmented.counts):
         if i:
             out.append(segmented.separators[i - 1])
-        out.append(" ".join(t.strip() for t in translations[start:start + n]))
+        out.append(" ".join(t.strip() for t in translations[start : start + n]))
         start += n
     return "".join(out)

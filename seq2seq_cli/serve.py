@@ -24,7 +24,6 @@ served with beam search.
 Public names: ServeConfig, ModelSpec, Engine, load_engine, load_model_specs, create_app, run_server.
 """
 
-
 import asyncio
 import contextlib
 import html
@@ -45,14 +44,41 @@ from .data import DataError
 from .recipe import UserError
 from .segment import Segmented, join_document, split_document
 
-__all__ = ["ServeConfig", "ModelSpec", "Engine", "load_engine", "load_model_specs", "create_app", "run_server"]
+__all__ = [
+    "ServeConfig",
+    "ModelSpec",
+    "Engine",
+    "load_engine",
+    "load_model_specs",
+    "create_app",
+    "run_server",
+]
 
 log = logging.getLogger(__name__)
 
-LANGUAGE_NAMES = {"ar": "Arabic", "ca": "Catalan", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
-                  "eu": "Basque", "fr": "French", "gl": "Galician", "hi": "Hindi", "it": "Italian", "ja": "Japanese",
-                  "ko": "Korean", "la": "Latin", "nl": "Dutch", "pl": "Polish", "pt": "Portuguese", "ru": "Russian",
-                  "tr": "Turkish", "uk": "Ukrainian", "zh": "Chinese"}
+LANGUAGE_NAMES = {
+    "ar": "Arabic",
+    "ca": "Catalan",
+    "de": "German",
+    "el": "Greek",
+    "en": "English",
+    "es": "Spanish",
+    "eu": "Basque",
+    "fr": "French",
+    "gl": "Galician",
+    "hi": "Hindi",
+    "it": "Italian",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "la": "Latin",
+    "nl": "Dutch",
+    "pl": "Polish",
+    "pt": "Portuguese",
+    "ru": "Russian",
+    "tr": "Turkish",
+    "uk": "Ukrainian",
+    "zh": "Chinese",
+}
 
 
 def serve_dependencies_missing() -> Optional[str]:
@@ -69,6 +95,7 @@ def serve_dependencies_missing() -> Optional[str]:
 
 
 # ------------------------------------------------------------------------ configuration
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -88,7 +115,9 @@ class ServeConfig:
     max_chars: int = 20000  # characters per request, all texts together
     max_sentences: int = 256  # sentences per request, after splitting
     max_wait_ms: float = 5.0  # how long a batch waits for more requests
-    batch_tokens: Optional[int] = None  # the batcher's budget, beam rows x source tokens; None: model's x workers
+    batch_tokens: Optional[int] = (
+        None  # the batcher's budget, beam rows x source tokens; None: model's x workers
+    )
     max_beam: int = 16
     device: str = "auto"
     threads: int = 0
@@ -114,12 +143,16 @@ def load_model_specs(path: Path) -> list[ModelSpec]:
     specs = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "path" not in entry:
-            raise DataError(f"{path}: models[{i}]: expected a mapping with 'path' (and optional source, target)")
+            raise DataError(
+                f"{path}: models[{i}]: expected a mapping with 'path' (and optional source, target)"
+            )
         unknown = set(entry) - {"path", "source", "target"}
         if unknown:
             raise DataError(f"{path}: models[{i}]: unknown key(s) {', '.join(sorted(unknown))}")
         raw = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
-        paths = tuple((Path(path).parent / str(p)) if not Path(str(p)).is_absolute() else Path(str(p)) for p in raw)
+        paths = tuple(
+            (Path(path).parent / str(p)) if not Path(str(p)).is_absolute() else Path(str(p)) for p in raw
+        )
         for key in ("source", "target"):
             if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
                 raise DataError(f"{path}: models[{i}].{key}: expected a language code")
@@ -128,6 +161,7 @@ def load_model_specs(path: Path) -> list[ModelSpec]:
 
 
 # ------------------------------------------------------------ the adapter over the Translator
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -162,8 +196,10 @@ class Engine:
 
     def describe(self, opts: Hashable) -> dict[str, Any]:
         """The settings as JSON-ready values (for /v1/models)."""
-        return {k: getattr(opts, k) for k in ("beam", "n_best", "alpha", "beta", "length_penalty", "max_len_a",
-                                               "max_len_b")}
+        return {
+            k: getattr(opts, k)
+            for k in ("beam", "n_best", "alpha", "beta", "length_penalty", "max_len_a", "max_len_b")
+        }
 
     def cost(self, sentence: str, opts: Hashable) -> int:
         """Padded-token cost of a sentence in a search batch: (source pieces + EOS) x beam rows."""
@@ -175,7 +211,7 @@ class Engine:
         hyps = t.translate_window(sentences, opts, self.search_tokens)
         tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
         t.stats.truncated_lines.clear()  # a long-running server must not accumulate them
-        return [[Candidate(t.detok(x), float(x.score)) for x in h[:opts.n_best]] for h in hyps], tokens
+        return [[Candidate(t.detok(x), float(x.score)) for x in h[: opts.n_best]] for h in hyps], tokens
 
 
 def load_engine(spec: ModelSpec, config: ServeConfig) -> Engine:
@@ -183,13 +219,15 @@ def load_engine(spec: ModelSpec, config: ServeConfig) -> Engine:
     from .distributed import pick_device
     from .translate import Translator
 
-    translator = Translator(list(spec.paths), str(pick_device(config.device)), config.threads, config.precision,
-                            config.workers)
+    translator = Translator(
+        list(spec.paths), str(pick_device(config.device)), config.threads, config.precision, config.workers
+    )
     data = translator.recipe.data
     return Engine(translator, spec.source or data.src_lang, spec.target or data.tgt_lang, config.batch_tokens)
 
 
 # ------------------------------------------------------------------------------- errors
+
 
 class ApiError(Exception):
     """A request the server refuses: HTTP status, a short machine code and a message."""
@@ -208,6 +246,7 @@ def _validation_error(exc: Any) -> ApiError:
 
 
 # ------------------------------------------------------------------------ request models
+
 
 def _request_models() -> tuple[type, type, type]:
     """The pydantic request schemas (built lazily: pydantic is imported with the server)."""
@@ -250,6 +289,7 @@ def _request_models() -> tuple[type, type, type]:
 
 
 # ---------------------------------------------------------------------------- HTML text
+
 
 class _HtmlSplitter(HTMLParser):
     """Cut HTML into markup (kept verbatim) and text nodes (translated); script/style are markup."""
@@ -297,6 +337,7 @@ def html_parts(markup: str) -> list[tuple[bool, str]]:
 
 # ----------------------------------------------------------------------------- the app
 
+
 @dataclass
 class _Served:
     """A loaded model with its batcher."""
@@ -327,23 +368,51 @@ class _Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("translate_requests", "HTTP requests", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("translate_request_seconds", "request latency", ["endpoint"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.latency = Histogram(
+            "translate_request_seconds",
+            "request latency",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.sentences = Counter("translate_sentences", "sentences translated", ["pair"], registry=r)
-        self.src_tokens = Counter("translate_source_tokens", "source tokens (pieces + EOS)", ["pair"], registry=r)
-        self.tgt_tokens = Counter("translate_target_tokens", "1-best target tokens (pieces + EOS)", ["pair"],
-                                  registry=r)
+        self.src_tokens = Counter(
+            "translate_source_tokens", "source tokens (pieces + EOS)", ["pair"], registry=r
+        )
+        self.tgt_tokens = Counter(
+            "translate_target_tokens", "1-best target tokens (pieces + EOS)", ["pair"], registry=r
+        )
         sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-        self.batch_sentences = Histogram("translate_batch_sentences", "sentences per search batch", ["pair"],
-                                         registry=r, buckets=sizes)
-        self.batch_requests = Histogram("translate_batch_requests", "requests merged per search batch", ["pair"],
-                                        registry=r, buckets=sizes)
-        self.batch_wait = Histogram("translate_batch_wait_seconds", "first request's wait for its batch", ["pair"],
-                                    registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1, 5))
+        self.batch_sentences = Histogram(
+            "translate_batch_sentences", "sentences per search batch", ["pair"], registry=r, buckets=sizes
+        )
+        self.batch_requests = Histogram(
+            "translate_batch_requests",
+            "requests merged per search batch",
+            ["pair"],
+            registry=r,
+            buckets=sizes,
+        )
+        self.batch_wait = Histogram(
+            "translate_batch_wait_seconds",
+            "first request's wait for its batch",
+            ["pair"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
 
 
-ENDPOINTS = ("/", "/v1/translate", "/v1/models", "/translate", "/languages", "/translator/translate",
-             "/translator/models", "/health", "/metrics")
+ENDPOINTS = (
+    "/",
+    "/v1/translate",
+    "/v1/models",
+    "/translate",
+    "/languages",
+    "/translator/translate",
+    "/translator/models",
+    "/health",
+    "/metrics",
+)
 
 
 def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -> Any:
@@ -371,6 +440,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
             results, tokens = s.engine.translate(sentences, opts)
             metrics.tgt_tokens.labels(s.pair).inc(tokens)
             return results
+
         return run
 
     def make_record(s: _Served):
@@ -378,11 +448,18 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
             metrics.batch_sentences.labels(s.pair).observe(b.sentences)
             metrics.batch_requests.labels(s.pair).observe(b.requests)
             metrics.batch_wait.labels(s.pair).observe(b.wait_s)
+
         return record
 
     for s in served:
-        s.batcher = Batcher(make_run(s), config.max_wait_ms / 1000, s.engine.batch_tokens, 1 << 30,
-                            make_record(s), name=f"search-{s.pair}")
+        s.batcher = Batcher(
+            make_run(s),
+            config.max_wait_ms / 1000,
+            s.engine.batch_tokens,
+            1 << 30,
+            make_record(s),
+            name=f"search-{s.pair}",
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> Any:
@@ -410,9 +487,17 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(ApiError(422, "invalid_request", "invalid request", [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()]))
+        return error_response(
+            ApiError(
+                422,
+                "invalid_request",
+                "invalid request",
+                [
+                    {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                    for e in exc.errors()
+                ],
+            )
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -458,15 +543,18 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ApiError(400, "invalid_utf8", f"the request body is not valid UTF-8 (byte {exc.start})") from None
+            raise ApiError(
+                400, "invalid_utf8", f"the request body is not valid UTF-8 (byte {exc.start})"
+            ) from None
 
     async def read_json(request: Request) -> Any:
         text = decode_utf8(await read_body(request))
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ApiError(400, "malformed_json", f"malformed JSON: {exc.msg} (line {exc.lineno}, "
-                                                  f"column {exc.colno})") from None
+            raise ApiError(
+                400, "malformed_json", f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+            ) from None
 
     def validate(model: type, data: Any) -> Any:
         try:
@@ -476,43 +564,66 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
 
     def pick(source: Optional[str], target: Optional[str]) -> _Served:
         """The model for a pair; source/target may be omitted when that leaves one model."""
-        found = [s for s in served if (source in (None, "auto") or s.engine.source == source)
-                 and (target is None or s.engine.target == target)]
+        found = [
+            s
+            for s in served
+            if (source in (None, "auto") or s.engine.source == source)
+            and (target is None or s.engine.target == target)
+        ]
         if len(found) == 1:
             return found[0]
         pairs = ", ".join(s.pair for s in served)
         if not found:
-            raise ApiError(400, "unsupported_pair", f"no model translates {source or '?'} to {target or '?'} "
-                                                    f"(available: {pairs})")
-        raise ApiError(400, "ambiguous_pair", f"several models match; give source and target (available: {pairs})")
+            raise ApiError(
+                400,
+                "unsupported_pair",
+                f"no model translates {source or '?'} to {target or '?'} (available: {pairs})",
+            )
+        raise ApiError(
+            400, "ambiguous_pair", f"several models match; give source and target (available: {pairs})"
+        )
 
     def check_texts(texts: list[str]) -> None:
         if not texts or all(not t.strip() for t in texts):
             raise ApiError(400, "empty_text", "nothing to translate: the text is empty")
         chars = sum(len(t) for t in texts)
         if chars > config.max_chars:
-            raise ApiError(413, "too_large", f"{chars} characters; the limit is {config.max_chars} per request")
+            raise ApiError(
+                413, "too_large", f"{chars} characters; the limit is {config.max_chars} per request"
+            )
         for t in texts:
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise ApiError(400, "invalid_utf8", f"the text holds an unpaired surrogate (\\u{ord(t[exc.start]):04x}), "
-                                                    "not a Unicode character") from None
+                raise ApiError(
+                    400,
+                    "invalid_utf8",
+                    f"the text holds an unpaired surrogate (\\u{ord(t[exc.start]):04x}), "
+                    "not a Unicode character",
+                ) from None
 
     def segment(texts: list[str], lang: str, split: bool) -> tuple[list[_Doc], list[str]]:
         docs: list[_Doc] = []
         sentences: list[str] = []
         for t in texts:
-            seg = split_document(t, lang) if split else Segmented((t,) if t.strip() else (), (1 if t.strip() else 0,), ())
+            seg = (
+                split_document(t, lang)
+                if split
+                else Segmented((t,) if t.strip() else (), (1 if t.strip() else 0,), ())
+            )
             docs.append(_Doc(seg, len(sentences)))
             sentences.extend(seg.sentences)
         if len(sentences) > config.max_sentences:
-            raise ApiError(413, "too_large", f"{len(sentences)} sentences; the limit is {config.max_sentences} "
-                                             "per request")
+            raise ApiError(
+                413,
+                "too_large",
+                f"{len(sentences)} sentences; the limit is {config.max_sentences} per request",
+            )
         return docs, sentences
 
-    async def translate(s: _Served, texts: list[str], overrides: dict[str, Any], split: bool = True
-                        ) -> tuple[list[_Doc], list[list[Candidate]]]:
+    async def translate(
+        s: _Served, texts: list[str], overrides: dict[str, Any], split: bool = True
+    ) -> tuple[list[_Doc], list[list[Candidate]]]:
         """Split, batch and search: the documents and the n-best candidates of each sentence."""
         check_texts(texts)
         if (overrides.get("beam") or 0) > config.max_beam or (overrides.get("n_best") or 0) > config.max_beam:
@@ -536,20 +647,30 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
 
     def joined(doc: _Doc, results: list[list[Candidate]]) -> str:
         n = len(doc.segmented.sentences)
-        return join_document(doc.segmented, [r[0].text if r else "" for r in results[doc.start:doc.start + n]])
+        return join_document(
+            doc.segmented, [r[0].text if r else "" for r in results[doc.start : doc.start + n]]
+        )
 
     # ---------------------------------------------------------------- endpoints
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
         text = resources.files("seq2seq_cli").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(text, headers={"Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline';"
-                                                                      " script-src 'unsafe-inline'"})
+        return HTMLResponse(
+            text,
+            headers={
+                "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline';"
+                " script-src 'unsafe-inline'"
+            },
+        )
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": [s.pair for s in served],
-                "queued_requests": sum(s.batcher.queued for s in served)}
+        return {
+            "status": "ok",
+            "models": [s.pair for s in served],
+            "queued_requests": sum(s.batcher.queued for s in served),
+        }
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -557,25 +678,44 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
 
     @app.get("/v1/models")
     async def v1_models() -> list:
-        return [{"id": s.index, "source": s.engine.source, "target": s.engine.target,
-                 "defaults": s.engine.describe(s.engine.defaults)} for s in served]
+        return [
+            {
+                "id": s.index,
+                "source": s.engine.source,
+                "target": s.engine.target,
+                "defaults": s.engine.describe(s.engine.defaults),
+            }
+            for s in served
+        ]
 
     @app.post("/v1/translate")
     async def v1_translate(request: Request) -> dict:
         req = validate(V1Request, await read_json(request))
         s = pick(req.source, req.target)
         texts = [req.text] if isinstance(req.text, str) else list(req.text)
-        overrides = req.model_dump(include={"beam", "n_best", "alpha", "beta", "length_penalty", "max_len_a",
-                                            "max_len_b"})
+        overrides = req.model_dump(
+            include={"beam", "n_best", "alpha", "beta", "length_penalty", "max_len_a", "max_len_b"}
+        )
         docs, results = await translate(s, texts, overrides, req.split_sentences)
         out = []
         for doc in docs:
             n = len(doc.segmented.sentences)
-            sentences = [{"source": src, "text": r[0].text if r else "", "score": r[0].score if r else 0.0,
-                          "n_best": [{"text": c.text, "score": c.score} for c in r]}
-                         for src, r in zip(doc.segmented.sentences, results[doc.start:doc.start + n])]
-            out.append({"text": joined(doc, results), "score": sum(x["score"] for x in sentences),
-                        "sentences": sentences})
+            sentences = [
+                {
+                    "source": src,
+                    "text": r[0].text if r else "",
+                    "score": r[0].score if r else 0.0,
+                    "n_best": [{"text": c.text, "score": c.score} for c in r],
+                }
+                for src, r in zip(doc.segmented.sentences, results[doc.start : doc.start + n])
+            ]
+            out.append(
+                {
+                    "text": joined(doc, results),
+                    "score": sum(x["score"] for x in sentences),
+                    "sentences": sentences,
+                }
+            )
         return {"source": s.engine.source, "target": s.engine.target, "translations": out}
 
     @app.post("/translate")
@@ -615,8 +755,9 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
             return []
         return [c.text for c in results[doc.start][1:]]
 
-    async def translate_html(s: _Served, texts: list[str], overrides: dict[str, Any]
-                             ) -> tuple[list[str], list[list[str]]]:
+    async def translate_html(
+        s: _Served, texts: list[str], overrides: dict[str, Any]
+    ) -> tuple[list[str], list[list[str]]]:
         """Translate the text nodes of HTML fragments; markup is kept as it is."""
         parsed = [html_parts(t) for t in texts]
         nodes = [c for parts in parsed for is_text, c in parts if is_text and c.strip()]
@@ -629,7 +770,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
             for is_text, content in parts:
                 if is_text and content.strip():
                     lead = content[: len(content) - len(content.lstrip())]
-                    trail = content[len(content.rstrip()):]
+                    trail = content[len(content.rstrip()) :]
                     pieces.append(lead + html.escape(joined(docs[k], results), quote=False) + trail)
                     k += 1
                 else:
@@ -642,13 +783,15 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         targets: dict[str, list[str]] = {}
         for s in served:
             targets.setdefault(s.engine.source, []).append(s.engine.target)
-        return [{"code": c, "name": LANGUAGE_NAMES.get(c, c), "targets": sorted(t)} for c, t in targets.items()]
+        return [
+            {"code": c, "name": LANGUAGE_NAMES.get(c, c), "targets": sorted(t)} for c, t in targets.items()
+        ]
 
     @app.post("/translator/translate")
     async def onmt_translate(request: Request) -> list:
         data = await read_json(request)
         if not isinstance(data, list):
-            raise ApiError(422, "invalid_request", "expected a JSON list of {\"src\": ..., \"id\": ...}")
+            raise ApiError(422, "invalid_request", 'expected a JSON list of {"src": ..., "id": ...}')
         items = [validate(OnmtItem, x) for x in data]
         by_model: dict[int, list[int]] = {}
         for i, item in enumerate(items):
@@ -657,24 +800,31 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
                 raise ApiError(400, "unsupported_pair", f"no model with id {model} (ids 0-{len(served) - 1})")
             by_model.setdefault(model, []).append(i)
         out: list[list[dict]] = [[] for _ in items]
-        jobs = [translate(served[m], [items[i].src for i in idx], {}, split=True) for m, idx in by_model.items()]
+        jobs = [
+            translate(served[m], [items[i].src for i in idx], {}, split=True) for m, idx in by_model.items()
+        ]
         for (m, idx), (docs, results) in zip(by_model.items(), await asyncio.gather(*jobs)):
             n_best = served[m].engine.defaults.n_best
             for i, doc in zip(idx, docs):
                 text = joined(doc, results)
-                score = sum(r[0].score for r in results[doc.start:doc.start + len(doc.segmented.sentences)] if r)
+                score = sum(
+                    r[0].score for r in results[doc.start : doc.start + len(doc.segmented.sentences)] if r
+                )
                 out[i] = [{"src": items[i].src, "tgt": text, "n_best": n_best, "pred_score": score}]
         return [[row for rows in out for row in rows]]
 
     @app.get("/translator/models")
     async def onmt_models() -> list:
-        return [{"model_id": s.index, "source": s.engine.source, "target": s.engine.target, "loaded": True}
-                for s in served]
+        return [
+            {"model_id": s.index, "source": s.engine.source, "target": s.engine.target, "loaded": True}
+            for s in served
+        ]
 
     return app
 
 
 # --------------------------------------------------------------------------- the process
+
 
 def _server_class() -> type:
     import uvicorn
@@ -727,8 +877,9 @@ def run_server(checkpoints: Sequence[Path], models_file: Optional[Path], config:
     app = create_app(engines, config)
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    uv = uvicorn.Config(app, log_config=None, access_log=config.access_log, timeout_graceful_shutdown=None,
-                        lifespan="on")
+    uv = uvicorn.Config(
+        app, log_config=None, access_log=config.access_log, timeout_graceful_shutdown=None, lifespan="on"
+    )
     server = _server_class()(uv)
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %s on http://%s:%d", ", ".join(f"{e.source}-{e.target}" for e in engines), shown, port)

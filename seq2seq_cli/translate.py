@@ -298,7 +298,7 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
     if opts.n_best > opts.beam and not opts.sample:
         raise DataError(f"--n-best ({opts.n_best}) must not exceed --beam ({opts.beam})")
     if split_sentences and opts.n_best > 1:
-        raise DataError("--split-sentences gives one line per input line: it cannot be combined with --n-best")
+        raise DataError("--split-sentences gives one line per input line: it does not go with --n-best")
     budget = batch_tokens or translator.batch_tokens
     counts: dict = {}
     from_stdin = input == "-"
@@ -314,7 +314,8 @@ def run_decode(paths: Sequence[Path], input: str, output: str, overrides: dict, 
                 rows = translate_split(translator, chunk, opts, budget)
             else:
                 hyps = translator.translate_window(chunk, opts, budget, index + 1)
-                rows = [r for i, h in enumerate(hyps) for r in format_hypotheses(translator, h, index + i, opts.n_best)]
+                rows = [r for i, h in enumerate(hyps)
+                        for r in format_hypotheses(translator, h, index + i, opts.n_best)]
             out.write_lines(rows, flush=from_stdin or output == "-")
             index += len(chunk)
             if not from_stdin:

@@ -33,32 +33,59 @@ from seq2seq_cli.cli import app as cli_app  # noqa: E402
 from seq2seq_cli.segment import join_document, split_document  # noqa: E402
 
 runner = CliRunner()
-LINES = ["one two three", "the king and the queen", "water fire earth light dark day", "nine",
-         "big red house", "old king", "seven eight nine ten one two three four five six", "good day",
-         "black white big small", "red blue green"]
-DOCS = ["one two three. Red blue green! Big house.", "King queen house. Water fire.\n\nDay light. Nine ten.",
-        "Old king."]
+LINES = [
+    "one two three",
+    "the king and the queen",
+    "water fire earth light dark day",
+    "nine",
+    "big red house",
+    "old king",
+    "seven eight nine ten one two three four five six",
+    "good day",
+    "black white big small",
+    "red blue green",
+]
+DOCS = [
+    "one two three. Red blue green! Big house.",
+    "King queen house. Water fire.\n\nDay light. Nine ten.",
+    "Old king.",
+]
 
 
 # ------------------------------------------------------------------------------ segment.py
 
+
 def test_split_document_keeps_paragraphs_and_joins_translations() -> None:
     text = "Mr. Smith went to Washington. He said hi!\nThen he left.\n\n\nA new paragraph? Yes.\n  \nLast."
     seg = split_document(text, "en")
-    assert seg.sentences == ("Mr. Smith went to Washington.", "He said hi!", "Then he left.", "A new paragraph?",
-                             "Yes.", "Last.")
+    assert seg.sentences == (
+        "Mr. Smith went to Washington.",
+        "He said hi!",
+        "Then he left.",
+        "A new paragraph?",
+        "Yes.",
+        "Last.",
+    )
     assert seg.counts == (3, 2, 1)
     assert seg.separators == ("\n\n\n", "\n  \n")
     upper = join_document(seg, [s.upper() for s in seg.sentences])
-    assert upper == "MR. SMITH WENT TO WASHINGTON. HE SAID HI! THEN HE LEFT.\n\n\nA NEW PARAGRAPH? YES.\n  \nLAST."
+    assert (
+        upper
+        == "MR. SMITH WENT TO WASHINGTON. HE SAID HI! THEN HE LEFT.\n\n\nA NEW PARAGRAPH? YES.\n  \nLAST."
+    )
     assert split_document("   ", "en").sentences == ()
     assert join_document(split_document("\n\nx y.\n\n", "en"), ["z."]) == "\n\nz.\n\n"
-    assert split_document("Hola. ¿Qué tal? Bien.", "xx").sentences == ("Hola.", "¿Qué tal?", "Bien.")  # en rules
+    assert split_document("Hola. ¿Qué tal? Bien.", "xx").sentences == (
+        "Hola.",
+        "¿Qué tal?",
+        "Bien.",
+    )  # en rules
     with pytest.raises(ValueError):
         join_document(seg, ["too few"])
 
 
 # ------------------------------------------------------------------------------ batcher.py
+
 
 def test_batcher_merges_queued_requests_and_separates_settings() -> None:
     gate, calls = threading.Event(), []
@@ -124,11 +151,13 @@ def test_batcher_budget_cancellation_errors_and_drain() -> None:
 
 # ------------------------------------------------------------------------- the HTTP server
 
+
 class ThreadServer:
     """A real uvicorn server for an app, in a background thread, on a free port."""
 
     def __init__(self, app) -> None:
         import uvicorn
+
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -151,9 +180,13 @@ class ThreadServer:
 def served(e2e):
     from seq2seq_cli.serve import ModelSpec, ServeConfig, create_app, load_engine
 
-    config = ServeConfig(device="cpu", threads=1, workers=1, max_wait_ms=100, max_chars=2000, max_sentences=40)
-    engines = [load_engine(ModelSpec((e2e.last,)), config),
-               load_engine(ModelSpec((e2e.last,), "es", "en"), config)]
+    config = ServeConfig(
+        device="cpu", threads=1, workers=1, max_wait_ms=100, max_chars=2000, max_sentences=40
+    )
+    engines = [
+        load_engine(ModelSpec((e2e.last,)), config),
+        load_engine(ModelSpec((e2e.last,), "es", "en"), config),
+    ]
     server = ThreadServer(create_app(engines, config))
     yield server
     server.stop()
@@ -172,8 +205,12 @@ def cli_out(e2e, tmp_path_factory):
         assert r.exit_code == 0, r.output
         return r.stdout.split("\n")[:-1]
 
-    return {"plain": decode(src), "beam3": decode(src, "--beam", "3", "--n-best", "3", "--alpha", "1.0"),
-            "split": decode(docs, "--split-sentences"), "docs_plain": decode(docs)}
+    return {
+        "plain": decode(src),
+        "beam3": decode(src, "--beam", "3", "--n-best", "3", "--alpha", "1.0"),
+        "split": decode(docs, "--split-sentences"),
+        "docs_plain": decode(docs),
+    }
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -191,7 +228,9 @@ def test_concurrent_requests_equal_cli_and_share_batches(served, cli_out) -> Non
 
     def ask(line: str) -> dict:
         barrier.wait(10)
-        r = httpx.post(f"{served.url}/v1/translate", json={"text": line, "source": "en", "target": "es"}, timeout=60)
+        r = httpx.post(
+            f"{served.url}/v1/translate", json={"text": line, "source": "en", "target": "es"}, timeout=60
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -201,24 +240,31 @@ def test_concurrent_requests_equal_cli_and_share_batches(served, cli_out) -> Non
     assert all(a["source"] == "en" and a["target"] == "es" for a in answers)
     after = httpx.get(f"{served.url}/metrics").text
     pair = {"pair": "en-es"}
-    batches = _metric(after, "translate_batch_requests_count", **pair) - _metric(before, "translate_batch_requests_count",
-                                                                                 **pair)
-    merged = _metric(after, "translate_batch_requests_sum", **pair) - _metric(before, "translate_batch_requests_sum",
-                                                                              **pair)
+    batches = _metric(after, "translate_batch_requests_count", **pair) - _metric(
+        before, "translate_batch_requests_count", **pair
+    )
+    merged = _metric(after, "translate_batch_requests_sum", **pair) - _metric(
+        before, "translate_batch_requests_sum", **pair
+    )
     assert merged == len(LINES)
     assert batches < len(LINES), "no two concurrent requests shared a search batch"
-    singles = (_metric(after, "translate_batch_requests_bucket", le="1.0", **pair)
-               - _metric(before, "translate_batch_requests_bucket", le="1.0", **pair))
+    singles = _metric(after, "translate_batch_requests_bucket", le="1.0", **pair) - _metric(
+        before, "translate_batch_requests_bucket", le="1.0", **pair
+    )
     assert singles < batches or batches == 1
-    assert _metric(after, "translate_sentences_total", **pair) - _metric(before, "translate_sentences_total",
-                                                                         **pair) == len(LINES)
+    assert _metric(after, "translate_sentences_total", **pair) - _metric(
+        before, "translate_sentences_total", **pair
+    ) == len(LINES)
     assert _metric(after, "translate_target_tokens_total", **pair) > 0
     assert _metric(after, "translate_requests_total", endpoint="/v1/translate", status="200") >= len(LINES)
 
 
 def test_list_input_and_n_best_equal_cli(served, cli_out) -> None:
-    r = httpx.post(f"{served.url}/v1/translate", json={"text": LINES, "beam": 3, "n_best": 3, "alpha": 1.0,
-                                                       "source": "en"}, timeout=60)
+    r = httpx.post(
+        f"{served.url}/v1/translate",
+        json={"text": LINES, "beam": 3, "n_best": 3, "alpha": 1.0, "source": "en"},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     rows = [line.split("\t") for line in cli_out["beam3"]]
     got = r.json()["translations"]
@@ -237,38 +283,58 @@ def test_documents_are_split_and_equal_cli_split_sentences(served, cli_out) -> N
     assert [g.replace("\n\n", " ") for g in got] == cli_out["split"]
     assert got[1].count("\n\n") == 1  # the paragraph break survives
     assert [len(t["sentences"]) for t in r.json()["translations"]] == [3, 4, 1]
-    r = httpx.post(f"{served.url}/v1/translate", json={"text": DOCS[0], "split_sentences": False, "target": "es"},
-                   timeout=60)
+    r = httpx.post(
+        f"{served.url}/v1/translate",
+        json={"text": DOCS[0], "split_sentences": False, "target": "es"},
+        timeout=60,
+    )
     assert r.json()["translations"][0]["text"] == cli_out["docs_plain"][0]
 
 
 def test_decode_split_sentences_refuses_n_best(e2e, tmp_path) -> None:
     src = tmp_path / "x.en"
     src.write_text("one two. three\n", encoding="utf-8")
-    r = runner.invoke(cli_app, ["decode", str(e2e.last), "-i", str(src), "--split-sentences", "--n-best", "2"])
+    r = runner.invoke(
+        cli_app, ["decode", str(e2e.last), "-i", str(src), "--split-sentences", "--n-best", "2"]
+    )
     assert r.exit_code == 2 and "--split-sentences" in r.stderr
 
 
 def test_libretranslate_endpoints(served, cli_out) -> None:
     langs = httpx.get(f"{served.url}/languages").json()
-    assert sorted(langs, key=lambda x: x["code"]) == [{"code": "en", "name": "English", "targets": ["es"]},
-                                                        {"code": "es", "name": "Spanish", "targets": ["en"]}]
+    assert sorted(langs, key=lambda x: x["code"]) == [
+        {"code": "en", "name": "English", "targets": ["es"]},
+        {"code": "es", "name": "Spanish", "targets": ["en"]},
+    ]
     r = httpx.post(f"{served.url}/translate", json={"q": LINES[0], "source": "en", "target": "es"})
     assert r.status_code == 200 and r.json() == {"translatedText": cli_out["plain"][0]}
-    r = httpx.post(f"{served.url}/translate", json={"q": LINES[:3], "source": "en", "target": "es",
-                                                    "api_key": "ignored"})
+    r = httpx.post(
+        f"{served.url}/translate", json={"q": LINES[:3], "source": "en", "target": "es", "api_key": "ignored"}
+    )
     assert r.json() == {"translatedText": cli_out["plain"][:3]}
     r = httpx.post(f"{served.url}/translate", data={"q": LINES[1], "source": "en", "target": "es"})
     assert r.status_code == 200 and r.json() == {"translatedText": cli_out["plain"][1]}
-    r = httpx.post(f"{served.url}/translate", json={"q": f"<p class='x'>{LINES[4]} <b>{LINES[5]}</b></p>",
-                                                    "source": "en", "target": "es", "format": "html"})
+    r = httpx.post(
+        f"{served.url}/translate",
+        json={
+            "q": f"<p class='x'>{LINES[4]} <b>{LINES[5]}</b></p>",
+            "source": "en",
+            "target": "es",
+            "format": "html",
+        },
+    )
     assert r.status_code == 200, r.text
-    assert r.json()["translatedText"] == f"<p class='x'>{cli_out['plain'][4]} <b>{cli_out['plain'][5]}</b></p>"
-    r = httpx.post(f"{served.url}/translate", json={"q": LINES[0], "source": "en", "target": "es",
-                                                    "alternatives": 2})
+    assert (
+        r.json()["translatedText"] == f"<p class='x'>{cli_out['plain'][4]} <b>{cli_out['plain'][5]}</b></p>"
+    )
+    r = httpx.post(
+        f"{served.url}/translate", json={"q": LINES[0], "source": "en", "target": "es", "alternatives": 2}
+    )
     body = r.json()
-    v1 = httpx.post(f"{served.url}/v1/translate", json={"text": LINES[0], "source": "en", "target": "es",
-                                                        "beam": 3, "n_best": 3}).json()["translations"][0]
+    v1 = httpx.post(
+        f"{served.url}/v1/translate",
+        json={"text": LINES[0], "source": "en", "target": "es", "beam": 3, "n_best": 3},
+    ).json()["translations"][0]
     nbest = [c["text"] for c in v1["sentences"][0]["n_best"]]
     assert body == {"translatedText": nbest[0], "alternatives": nbest[1:]} and len(nbest) == 3
     r = httpx.post(f"{served.url}/translate", json={"q": LINES[0], "source": "en", "target": "fr"})
@@ -290,16 +356,39 @@ BAD = [  # (body bytes, content type, status, error code)
     (b'{"text": "one two', "application/json", 400, "malformed_json"),
     (b'{"text": "one \xff two"}', "application/json", 400, "invalid_utf8"),
     (b'{"text": "one \\ud800 two", "target": "es"}', "application/json", 400, "invalid_utf8"),
-    (json.dumps({"text": "one", "source": "en", "target": "de"}).encode(), "application/json", 400,
-     "unsupported_pair"),
+    (
+        json.dumps({"text": "one", "source": "en", "target": "de"}).encode(),
+        "application/json",
+        400,
+        "unsupported_pair",
+    ),
     (json.dumps({"text": "one"}).encode(), "application/json", 400, "ambiguous_pair"),
     (json.dumps({"text": 5, "target": "es"}).encode(), "application/json", 422, "invalid_request"),
     (json.dumps({"text": ["a", 1], "target": "es"}).encode(), "application/json", 422, "invalid_request"),
-    (json.dumps({"text": "one", "target": "es", "beam": "5"}).encode(), "application/json", 422, "invalid_request"),
-    (json.dumps({"text": "one", "target": "es", "beem": 5}).encode(), "application/json", 422, "invalid_request"),
-    (json.dumps({"text": "one", "target": "es", "beam": 2, "n_best": 3}).encode(), "application/json", 422,
-     "invalid_request"),
-    (json.dumps({"text": "one", "target": "es", "beam": 99}).encode(), "application/json", 422, "invalid_request"),
+    (
+        json.dumps({"text": "one", "target": "es", "beam": "5"}).encode(),
+        "application/json",
+        422,
+        "invalid_request",
+    ),
+    (
+        json.dumps({"text": "one", "target": "es", "beem": 5}).encode(),
+        "application/json",
+        422,
+        "invalid_request",
+    ),
+    (
+        json.dumps({"text": "one", "target": "es", "beam": 2, "n_best": 3}).encode(),
+        "application/json",
+        422,
+        "invalid_request",
+    ),
+    (
+        json.dumps({"text": "one", "target": "es", "beam": 99}).encode(),
+        "application/json",
+        422,
+        "invalid_request",
+    ),
     (json.dumps(["not", "an", "object"]).encode(), "application/json", 422, "invalid_request"),
     (json.dumps({"text": "  ", "target": "es"}).encode(), "application/json", 400, "empty_text"),
     (json.dumps({"text": [], "target": "es"}).encode(), "application/json", 400, "empty_text"),
@@ -324,11 +413,17 @@ def test_health_metrics_page_and_404(served) -> None:
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["models"] == ["en-es", "es-en"]
     m = httpx.get(f"{served.url}/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
-    for name in ("translate_requests_total", "translate_request_seconds_bucket", "translate_batch_sentences_bucket",
-                 "translate_source_tokens_total"):
+    for name in (
+        "translate_requests_total",
+        "translate_request_seconds_bucket",
+        "translate_batch_sentences_bucket",
+        "translate_source_tokens_total",
+    ):
         assert name in m.text
     page = httpx.get(f"{served.url}/")
-    assert page.status_code == 200 and "<textarea" in page.text and "http" not in page.text.split("<script>")[1]
+    assert (
+        page.status_code == 200 and "<textarea" in page.text and "http" not in page.text.split("<script>")[1]
+    )
     missing = httpx.get(f"{served.url}/nope")
     assert missing.status_code == 404 and missing.json()["code"] == "http_404"
 
@@ -368,8 +463,9 @@ def test_models_file(tmp_path, e2e) -> None:
     from seq2seq_cli.data import DataError
     from seq2seq_cli.serve import load_model_specs
 
-    (tmp_path / "m.yaml").write_text(f"models:\n  - {{path: {e2e.last}, source: es, target: en}}\n"
-                                     "  - {path: rel.pt}\n", encoding="utf-8")
+    (tmp_path / "m.yaml").write_text(
+        f"models:\n  - {{path: {e2e.last}, source: es, target: en}}\n  - {{path: rel.pt}}\n", encoding="utf-8"
+    )
     specs = load_model_specs(tmp_path / "m.yaml")
     assert specs[0].paths == (e2e.last,) and (specs[0].source, specs[0].target) == ("es", "en")
     assert specs[1].paths == (tmp_path / "rel.pt",) and specs[1].source is None
@@ -380,9 +476,15 @@ def test_models_file(tmp_path, e2e) -> None:
 
 # ----------------------------------------------------------------- the `translate serve` process
 
+
 def _start_cli_server(e2e, *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([*e2e.cli(), "serve", str(e2e.last), "--port", "0", "--threads", "1", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e2e.env())
+    proc = subprocess.Popen(
+        [*e2e.cli(), "serve", str(e2e.last), "--port", "0", "--threads", "1", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=e2e.env(),
+    )
     seen = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -442,11 +544,20 @@ def test_serve_cli_errors(e2e, tmp_path) -> None:
 # ------------------------------------------------------------------------ the web page (Chromium)
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)"
+)
 def test_web_page_in_headless_chromium(served, cli_out) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
@@ -467,8 +578,10 @@ def test_web_page_in_headless_chromium(served, cli_out) -> None:
             items = page.locator("#alternatives li").count()
             assert items == 2  # the n-best list
             # the 1-best with the page's settings (beam max(2, default), n_best 2) equals the API's
-            api = httpx.post(f"{served.url}/v1/translate", json={"text": LINES[0], "source": "en", "target": "es",
-                                                                 "n_best": 2, "beam": 2}).json()
+            api = httpx.post(
+                f"{served.url}/v1/translate",
+                json={"text": LINES[0], "source": "en", "target": "es", "n_best": 2, "beam": 2},
+            ).json()
             assert page.inner_text("#output") == api["translations"][0]["text"]
             page.select_option("#nbest", "1")
             page.fill("#source", LINES[2])
