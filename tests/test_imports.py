@@ -35,6 +35,10 @@ ALLOWED: dict[str, set[str]] = {
     # distributed (pick_device) is imported lazily, inside run_decode
     "translate": {"checkpoint", "data", "search", "tokenizer", "textio"},
     "tune": {"checkpoint", "data", "score", "translate"},
+    "segment": set(),  # sentence splitting (pysbd, imported lazily)
+    "batcher": set(),  # dynamic batching: knows nothing of models or HTTP
+    # `translate serve`: the Translator (and pick_device) are imported lazily, in load_engine
+    "serve": {"batcher", "data", "recipe", "segment"},
 }
 # Modules allowed to import anything except the listed ones (module level and lazily).
 ANYTHING_EXCEPT: dict[str, set[str]] = {
@@ -45,7 +49,7 @@ ANYTHING_EXCEPT: dict[str, set[str]] = {
     "cli": set(),
 }
 # Extra package modules a module may import inside functions only.
-LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed"}}
+LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed", "segment"}, "serve": {"distributed", "translate"}}
 
 
 def package_imports(module: str) -> tuple[set[str], set[str]]:
