@@ -40,12 +40,20 @@ def cpu_info() -> dict:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
     flags = set((re.search(r"^flags\s*:\s*(.*)$", text, re.M) or re.match("()", "")).group(1).split())
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-           if f in flags]
+    isa = [
+        f
+        for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+        if f in flags
+    ]
     import torch
 
-    return {"cpu": model.group(1).strip() if model else platform.processor(), "cpus": len(os.sched_getaffinity(0)),
-            "isa": isa, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "isa": isa,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,8 +66,19 @@ def percentile(values: list[float], q: float) -> float:
 def offline_decode(ckpt: Path, lines: list[str], threads: int, workdir: Path) -> tuple[dict, list[str]]:
     src, hyp = workdir / "bench.src", workdir / "bench.hyp"
     src.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-    cmd = [sys.executable, "-m", "seq2seq_cli", "decode", str(ckpt), "-i", str(src), "-o", str(hyp),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "seq2seq_cli",
+        "decode",
+        str(ckpt),
+        "-i",
+        str(src),
+        "-o",
+        str(hyp),
+        "--threads",
+        str(threads),
+    ]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -68,8 +87,13 @@ def offline_decode(ckpt: Path, lines: list[str], threads: int, workdir: Path) ->
     rates = re.findall(r"(\d+) lines\s+([\d.]+) sent/s\s+(\d+) tok/s", done.stderr)
     own_sent, own_tok = (float(rates[-1][1]), float(rates[-1][2])) if rates else (float("nan"), float("nan"))
     out = hyp.read_text(encoding="utf-8").split("\n")[:-1]
-    return {"command": " ".join(["translate", *cmd[3:]]), "wall_s": wall, "sent_per_s_wall": len(lines) / wall,
-            "sent_per_s": own_sent, "tok_per_s": own_tok}, out
+    return {
+        "command": " ".join(["translate", *cmd[3:]]),
+        "wall_s": wall,
+        "sent_per_s_wall": len(lines) / wall,
+        "sent_per_s": own_sent,
+        "tok_per_s": own_tok,
+    }, out
 
 
 def metric(text: str, name: str) -> float:
@@ -83,10 +107,29 @@ def metric(text: str, name: str) -> float:
 
 
 def start_server(ckpt: Path, threads: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "seq2seq_cli", "serve", str(ckpt), "--port", "0", "--threads", str(threads),
-           "--no-access-log", "--max-wait-ms", str(max_wait_ms), "--max-sentences", "1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "seq2seq_cli",
+        "serve",
+        str(ckpt),
+        "--port",
+        "0",
+        "--threads",
+        str(threads),
+        "--no-access-log",
+        "--max-wait-ms",
+        str(max_wait_ms),
+        "--max-sentences",
+        "1000",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     while True:
         line = proc.stderr.readline()
         if not line:
@@ -142,12 +185,17 @@ def load(url: str, lines: list[str], clients: int) -> tuple[dict, list[str]]:
         return metric(after, name) - metric(before, name)
 
     batches = delta("translate_batch_sentences_count")
-    return {"clients": clients, "wall_s": wall, "sent_per_s": len(lines) / wall,
-            "tok_per_s": delta("translate_target_tokens_total") / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p95_ms": 1000 * percentile(latencies, 0.95),
-            "mean_batch_sentences": delta("translate_batch_sentences_sum") / max(1, batches),
-            "mean_batch_requests": delta("translate_batch_requests_sum") / max(1, batches),
-            "batches": int(batches)}, answers
+    return {
+        "clients": clients,
+        "wall_s": wall,
+        "sent_per_s": len(lines) / wall,
+        "tok_per_s": delta("translate_target_tokens_total") / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * percentile(latencies, 0.95),
+        "mean_batch_sentences": delta("translate_batch_sentences_sum") / max(1, batches),
+        "mean_batch_requests": delta("translate_batch_requests_sum") / max(1, batches),
+        "batches": int(batches),
+    }, answers
 
 
 def main() -> None:
@@ -163,14 +211,18 @@ def main() -> None:
 
     lines = [x.strip() for x in args.lines.read_text(encoding="utf-8").splitlines() if x.strip()][: args.n]
     info = cpu_info()
-    print(f"CPU: {info['cpu']}, {info['cpus']} logical CPUs available, ISA: {' '.join(info['isa']) or '-'}; "
-          f"torch {info['torch']}, python {info['python']}")
+    print(
+        f"CPU: {info['cpu']}, {info['cpus']} logical CPUs available, ISA: {' '.join(info['isa']) or '-'}; "
+        f"torch {info['torch']}, python {info['python']}"
+    )
     print(f"{len(lines)} lines of {args.lines}, {args.threads} threads, checkpoint {args.checkpoint}")
     with tempfile.TemporaryDirectory() as tmp:
         offline, reference = offline_decode(args.checkpoint, lines, args.threads, Path(tmp))
-    print(f"offline: {offline['command']}: {offline['wall_s']:.1f} s wall with start-up "
-          f"({offline['sent_per_s_wall']:.1f} sent/s); decode alone {offline['sent_per_s']:.1f} sent/s, "
-          f"{offline['tok_per_s']:.0f} tok/s")
+    print(
+        f"offline: {offline['command']}: {offline['wall_s']:.1f} s wall with start-up "
+        f"({offline['sent_per_s_wall']:.1f} sent/s); decode alone {offline['sent_per_s']:.1f} sent/s, "
+        f"{offline['tok_per_s']:.0f} tok/s"
+    )
 
     proc, url = start_server(args.checkpoint, args.threads, args.max_wait_ms)
     rows = []
@@ -181,10 +233,12 @@ def main() -> None:
             row, answers = load(url, lines, c)
             row["equal_to_decode"] = sum(a == b for a, b in zip(answers, reference))
             rows.append(row)
-            print(f"  {c:>2} clients: {row['sent_per_s']:.1f} sent/s, {row['tok_per_s']:.0f} tok/s, "
-                  f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, batch {row['mean_batch_sentences']:.1f} "
-                  f"sentences ({row['batches']} batches), equal to decode {row['equal_to_decode']}/{len(lines)}",
-                  flush=True)
+            print(
+                f"  {c:>2} clients: {row['sent_per_s']:.1f} sent/s, {row['tok_per_s']:.0f} tok/s, "
+                f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, batch {row['mean_batch_sentences']:.1f} "
+                f"sentences ({row['batches']} batches), equal to decode {row['equal_to_decode']}/{len(lines)}",
+                flush=True,
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
@@ -193,12 +247,26 @@ def main() -> None:
     print("| clients | sent/s | tok/s | p50 ms | p95 ms | mean batch (sentences) | answers = decode |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['clients']} | {r['sent_per_s']:.1f} | {r['tok_per_s']:.0f} | {r['p50_ms']:.0f} | "
-              f"{r['p95_ms']:.0f} | {r['mean_batch_sentences']:.1f} | {r['equal_to_decode']}/{len(lines)} |")
-    print(f"| offline `translate decode` | {offline['sent_per_s']:.1f} | {offline['tok_per_s']:.0f} | | | | |")
+        print(
+            f"| {r['clients']} | {r['sent_per_s']:.1f} | {r['tok_per_s']:.0f} | {r['p50_ms']:.0f} | "
+            f"{r['p95_ms']:.0f} | {r['mean_batch_sentences']:.1f} | {r['equal_to_decode']}/{len(lines)} |"
+        )
+    print(
+        f"| offline `translate decode` | {offline['sent_per_s']:.1f} | {offline['tok_per_s']:.0f} | | | | |"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "offline": offline, "serve": rows,
-                                         "lines": len(lines), "threads": args.threads}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "offline": offline,
+                    "serve": rows,
+                    "lines": len(lines),
+                    "threads": args.threads,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -586,6 +586,10 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
     def check_texts(texts: list[str]) -> None:
         if not texts or all(not t.strip() for t in texts):
             raise ApiError(400, "empty_text", "nothing to translate: the text is empty")
+        if len(texts) > config.max_sentences:
+            raise ApiError(
+                413, "too_large", f"{len(texts)} texts; the limit is {config.max_sentences} per request"
+            )
         chars = sum(len(t) for t in texts)
         if chars > config.max_chars:
             raise ApiError(

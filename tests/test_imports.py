@@ -49,7 +49,8 @@ ANYTHING_EXCEPT: dict[str, set[str]] = {
     "cli": set(),
 }
 # Extra package modules a module may import inside functions only.
-LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed", "segment"}, "serve": {"distributed", "translate"}}
+LAZY_EXTRA: dict[str, set[str]] = {"translate": {"distributed", "segment"},
+                                   "serve": {"distributed", "translate"}}
 
 
 def package_imports(module: str) -> tuple[set[str], set[str]]:
