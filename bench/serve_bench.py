@@ -63,7 +63,9 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def offline_decode(ckpt: Path, lines: list[str], threads: int, workdir: Path) -> tuple[dict, list[str]]:
+def offline_decode(
+    ckpt: Path, lines: list[str], threads: int, workdir: Path, extra: list[str]
+) -> tuple[dict, list[str]]:
     src, hyp = workdir / "bench.src", workdir / "bench.hyp"
     src.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
     cmd = [
@@ -78,6 +80,7 @@ def offline_decode(ckpt: Path, lines: list[str], threads: int, workdir: Path) ->
         str(hyp),
         "--threads",
         str(threads),
+        *extra,
     ]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -106,7 +109,9 @@ def metric(text: str, name: str) -> float:
     return total
 
 
-def start_server(ckpt: Path, threads: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(
+    ckpt: Path, threads: int, max_wait_ms: float, extra: list[str]
+) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -117,6 +122,7 @@ def start_server(ckpt: Path, threads: int, max_wait_ms: float) -> tuple[subproce
         "0",
         "--threads",
         str(threads),
+        *extra,
         "--no-access-log",
         "--max-wait-ms",
         str(max_wait_ms),
@@ -207,7 +213,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--precision", default=None, help="fp32, bf16 or int8 for both (default: the checkpoint's)"
+    )
     args = ap.parse_args()
+    extra = ["--precision", args.precision] if args.precision else []
 
     lines = [x.strip() for x in args.lines.read_text(encoding="utf-8").splitlines() if x.strip()][: args.n]
     info = cpu_info()
@@ -215,16 +225,19 @@ def main() -> None:
         f"CPU: {info['cpu']}, {info['cpus']} logical CPUs available, ISA: {' '.join(info['isa']) or '-'}; "
         f"torch {info['torch']}, python {info['python']}"
     )
-    print(f"{len(lines)} lines of {args.lines}, {args.threads} threads, checkpoint {args.checkpoint}")
+    print(
+        f"{len(lines)} lines of {args.lines}, {args.threads} threads, checkpoint {args.checkpoint}, "
+        f"precision {args.precision or 'of the checkpoint'}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        offline, reference = offline_decode(args.checkpoint, lines, args.threads, Path(tmp))
+        offline, reference = offline_decode(args.checkpoint, lines, args.threads, Path(tmp), extra)
     print(
         f"offline: {offline['command']}: {offline['wall_s']:.1f} s wall with start-up "
         f"({offline['sent_per_s_wall']:.1f} sent/s); decode alone {offline['sent_per_s']:.1f} sent/s, "
         f"{offline['tok_per_s']:.0f} tok/s"
     )
 
-    proc, url = start_server(args.checkpoint, args.threads, args.max_wait_ms)
+    proc, url = start_server(args.checkpoint, args.threads, args.max_wait_ms, extra)
     rows = []
     try:
         for line in lines[:8]:  # warm-up
@@ -232,11 +245,13 @@ def main() -> None:
         for c in [int(x) for x in args.clients.split(",")]:
             row, answers = load(url, lines, c)
             row["equal_to_decode"] = sum(a == b for a, b in zip(answers, reference))
+            row["differ"] = [i for i, (a, b) in enumerate(zip(answers, reference)) if a != b]
             rows.append(row)
             print(
                 f"  {c:>2} clients: {row['sent_per_s']:.1f} sent/s, {row['tok_per_s']:.0f} tok/s, "
-                f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, batch {row['mean_batch_sentences']:.1f} "
-                f"sentences ({row['batches']} batches), equal to decode {row['equal_to_decode']}/{len(lines)}",
+                f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, "
+                f"batch {row['mean_batch_sentences']:.1f} sentences ({row['batches']} batches), "
+                f"equal to decode {row['equal_to_decode']}/{len(lines)} (differ: lines {row['differ'][:5]})",
                 flush=True,
             )
     finally:
