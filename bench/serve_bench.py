@@ -9,8 +9,9 @@ non-empty test lines (wall time including start-up, and the decode's own rate wi
 (3) `translate serve` on a free port, a warm-up, then for each client count C: C threads, each with
 one keep-alive connection, take lines from a shared queue and POST each line alone to /v1/translate
 (split_sentences false, so an answer is comparable with the decode line). Reported per C: sentences/s
-and target tokens/s (1-best pieces + EOS, from /metrics), p50/p95 request latency, mean sentences and
-requests per search batch (from /metrics), and how many answers equal the offline decode's line.
+and target tokens/s (1-best pieces without EOS, as `translate decode` counts them; from /metrics),
+p50/p95 request latency, mean sentences and requests per search batch (from /metrics), and how many
+answers equal the offline decode's line.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ class Engine:
         """n-best candidates per sentence (empty for an empty sentence), and the 1-best target tokens."""
         t = self.translator
         hyps = t.translate_window(sentences, opts, self.search_tokens)
-        tokens = sum(len(h[0].tokens) + 1 for h in hyps if h)
+        tokens = sum(len(h[0].tokens) for h in hyps if h)
         t.stats.truncated_lines.clear()  # a long-running server must not accumulate them
         return [[Candidate(t.detok(x), float(x.score)) for x in h[: opts.n_best]] for h in hyps], tokens
 
@@ -380,7 +380,10 @@ class _Metrics:
             "translate_source_tokens", "source tokens (pieces + EOS)", ["pair"], registry=r
         )
         self.tgt_tokens = Counter(
-            "translate_target_tokens", "1-best target tokens (pieces + EOS)", ["pair"], registry=r
+            "translate_target_tokens",
+            "1-best target pieces (EOS not counted, as translate decode counts them)",
+            ["pair"],
+            registry=r,
         )
         sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
         self.batch_sentences = Histogram(
