@@ -281,6 +281,7 @@ def test_documents_are_split_and_equal_cli_split_sentences(served, cli_out) -> N
     assert r.status_code == 200, r.text
     got = [t["text"] for t in r.json()["translations"]]
     assert [g.replace("\n\n", " ") for g in got] == cli_out["split"]
+    assert cli_out["split"] != cli_out["docs_plain"]  # decode --split-sentences did split
     assert got[1].count("\n\n") == 1  # the paragraph break survives
     assert [len(t["sentences"]) for t in r.json()["translations"]] == [3, 4, 1]
     r = httpx.post(
