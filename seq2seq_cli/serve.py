@@ -261,10 +261,10 @@ def _request_models() -> tuple[type, type, type]:
         target: Optional[StrictStr] = None
         beam: Optional[int] = Field(None, ge=1)
         n_best: Optional[int] = Field(None, ge=1)
-        alpha: Optional[float] = Field(None, ge=0)
-        beta: Optional[float] = Field(None, ge=0)
+        alpha: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+        beta: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
         length_penalty: Optional[Literal["gnmt", "power"]] = None
-        max_len_a: Optional[float] = Field(None, ge=0)
+        max_len_a: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
         max_len_b: Optional[int] = Field(None, ge=0)
         split_sentences: bool = True
 

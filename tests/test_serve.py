@@ -397,6 +397,7 @@ BAD = [  # (body bytes, content type, status, error code)
     (json.dumps({"text": "One. " * 41, "target": "es"}).encode(), "application/json", 413, "too_large"),
     (b"x" * 200000, "application/json", 413, "too_large"),
     (json.dumps({"text": ["one"] * 41, "target": "es"}).encode(), "application/json", 413, "too_large"),
+    (b'{"text": "one", "target": "es", "max_len_a": Infinity}', "application/json", 422, "invalid_request"),
 ]
 
 
