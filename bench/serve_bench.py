@@ -40,6 +40,8 @@ def cpu_info() -> dict:
     """CPU model, logical CPUs available to us, and the ISA extensions that matter for decoding."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.M)
+    number = re.search(r"^model\s*:\s*(\d+)$", text, re.M)
     flags = set((re.search(r"^flags\s*:\s*(.*)$", text, re.M) or re.match("()", "")).group(1).split())
     isa = [
         f
@@ -49,7 +51,8 @@ def cpu_info() -> dict:
     import torch
 
     return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cpu": (model.group(1).strip() if model else platform.processor())
+        + (f" (family {family.group(1)} model {number.group(1)})" if family and number else ""),
         "cpus": len(os.sched_getaffinity(0)),
         "isa": isa,
         "torch": torch.__version__,
