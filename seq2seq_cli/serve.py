@@ -363,7 +363,7 @@ class _Metrics:
     """The Prometheus metrics of one app (its own registry, so several apps can coexist)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         r = self.registry
@@ -403,6 +403,12 @@ class _Metrics:
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
+        self.in_flight = 0  # changed on the event loop only
+        Gauge(
+            "translate_searches_in_flight",
+            "requests whose sentences are queued or being searched",
+            registry=r,
+        ).set_function(lambda: self.in_flight)
 
 
 ENDPOINTS = (
@@ -647,7 +653,11 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
             future = s.batcher.submit(sentences, opts, sum(costs))
         except BatcherClosed:
             raise ApiError(503, "shutting_down", "the server is shutting down") from None
-        results = await asyncio.wrap_future(future)
+        metrics.in_flight += 1
+        try:
+            results = await asyncio.wrap_future(future)
+        finally:
+            metrics.in_flight -= 1
         metrics.sentences.labels(s.pair).inc(len(sentences))
         metrics.src_tokens.labels(s.pair).inc(sum(costs) // max(1, opts.beam))
         return docs, results
@@ -677,6 +687,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
             "status": "ok",
             "models": [s.pair for s in served],
             "queued_requests": sum(s.batcher.queued for s in served),
+            "in_flight_requests": metrics.in_flight,
         }
 
     @app.get("/metrics")

@@ -414,9 +414,12 @@ def test_bad_requests_get_json_errors_without_tracebacks(served, caplog, body, c
 def test_health_metrics_page_and_404(served) -> None:
     h = httpx.get(f"{served.url}/health")
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["models"] == ["en-es", "es-en"]
+    assert h.json()["in_flight_requests"] == 0 and h.json()["queued_requests"] == 0
+    assert httpx.post(f"{served.url}/v1/translate", json={"text": "one", "target": "es"}).status_code == 200
     m = httpx.get(f"{served.url}/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
     for name in (
+        "translate_searches_in_flight",
         "translate_requests_total",
         "translate_request_seconds_bucket",
         "translate_batch_sentences_bucket",
@@ -510,7 +513,7 @@ def _start_cli_server(e2e, *args: str) -> tuple[subprocess.Popen, str]:
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(e2e, cli_out) -> None:
     proc, url = _start_cli_server(e2e, "--max-wait-ms", "1", "--no-access-log")
-    text = LINES * 4
+    text = LINES * 20
     answer: dict = {}
 
     def ask() -> None:
@@ -519,7 +522,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(e2e, cli_out) -> None:
 
     asker = threading.Thread(target=ask)
     asker.start()
-    time.sleep(0.3)  # in flight: the 40 sentences take longer than this on one thread
+    for _ in range(600):  # until the request's 200 sentences are being searched
+        if httpx.get(f"{url}/health", timeout=5).json()["in_flight_requests"] == 1:
+            break
+        time.sleep(0.01)
+    assert not answer, "the request was answered before SIGTERM: make it longer"
     proc.send_signal(signal.SIGTERM)
     try:
         _, err = proc.communicate(timeout=60)
