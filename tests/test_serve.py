@@ -340,6 +340,11 @@ def test_libretranslate_endpoints(served, cli_out) -> None:
     assert body == {"translatedText": nbest[0], "alternatives": nbest[1:]} and len(nbest) == 3
     r = httpx.post(f"{served.url}/translate", json={"q": LINES[0], "source": "en", "target": "fr"})
     assert r.status_code == 400 and "en-es" in r.json()["error"]
+    r = httpx.post(f"{served.url}/translate", json={"q": LINES[0], "source": "auto", "target": "es"})
+    assert r.json() == {
+        "translatedText": cli_out["plain"][0],
+        "detectedLanguage": {"language": "en", "confidence": 100.0},
+    }
 
 
 def test_opennmt_endpoint(served, cli_out) -> None:
@@ -452,12 +457,20 @@ def test_client_disconnect_does_not_break_its_batch(served, cli_out, caplog) -> 
         assert r.status_code == 200
         return r.json()["translations"][0]["text"]
 
+    before = httpx.get(f"{served.url}/metrics").text
     with caplog.at_level(logging.INFO), ThreadPoolExecutor(5) as pool:
         first = pool.submit(impatient)
         answers = list(pool.map(patient, range(4)))
         first.result()
     assert answers == cli_out["plain"][:4]
     assert results["impatient"] == "gave up"
+    after = httpx.get(f"{served.url}/metrics").text
+
+    def delta(name: str) -> float:
+        return _metric(after, name, pair="en-es") - _metric(before, name, pair="en-es")
+
+    # 5 requests in fewer batches: the impatient one shared its batch with at least one other
+    assert delta("translate_batch_requests_sum") == 5 and delta("translate_batch_requests_count") < 5
     time.sleep(0.5)
     assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
     r = httpx.post(f"{served.url}/v1/translate", json={"text": LINES[5], "target": "es"}, timeout=60)
@@ -549,6 +562,13 @@ def test_serve_cli_errors(e2e, tmp_path) -> None:
     assert r.exit_code == 2 and "not found" in r.stderr
     r = runner.invoke(cli_app, ["serve", str(e2e.last), str(e2e.last), "--device", "cpu"])
     assert r.exit_code == 2 and "two models serve en-es" in r.stderr
+    (tmp_path / "m.yaml").write_text(f"models:\n  - {{path: {e2e.last}, source: en, target: es}}\n")
+    r = runner.invoke(
+        cli_app, ["serve", str(e2e.last), "--models", str(tmp_path / "m.yaml"), "--device", "cpu"]
+    )
+    assert r.exit_code == 2 and "two models serve en-es" in r.stderr  # the models file was read
+    r = runner.invoke(cli_app, ["serve", "--models", str(tmp_path / "none.yaml")])
+    assert r.exit_code == 2 and "cannot read models file" in r.stderr
 
 
 # ------------------------------------------------------------------------ the web page (Chromium)
@@ -602,3 +622,12 @@ def test_web_page_in_headless_chromium(served, cli_out) -> None:
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_missing_serve_extra_is_a_one_line_error(monkeypatch, e2e) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the `serve` extra were not installed
+    r = runner.invoke(cli_app, ["serve", str(e2e.last)])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: translate serve needs fastapi: pip install 'seq2seq-cli[serve]'"
