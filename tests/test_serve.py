@@ -284,6 +284,9 @@ def test_documents_are_split_and_equal_cli_split_sentences(served, cli_out) -> N
     assert cli_out["split"] != cli_out["docs_plain"]  # decode --split-sentences did split
     assert got[1].count("\n\n") == 1  # the paragraph break survives
     assert [len(t["sentences"]) for t in r.json()["translations"]] == [3, 4, 1]
+    r = httpx.post(f"{served.url}/v1/translate", json={"text": [DOCS[2], " "], "target": "es"}, timeout=60)
+    assert [(t["text"], t["sentences"]) for t in r.json()["translations"]][1] == ("", [])  # an empty item
+    assert r.json()["translations"][0]["text"] == cli_out["split"][2]
     r = httpx.post(
         f"{served.url}/v1/translate",
         json={"text": DOCS[0], "split_sentences": False, "target": "es"},
