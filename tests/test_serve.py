@@ -158,6 +158,7 @@ class ThreadServer:
     def __init__(self, app) -> None:
         import uvicorn
 
+        self.app = app
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -442,40 +443,80 @@ def test_health_metrics_page_and_404(served) -> None:
     assert missing.status_code == 404 and missing.json()["code"] == "http_404"
 
 
-def test_client_disconnect_does_not_break_its_batch(served, cli_out, caplog) -> None:
-    """A client gives up while its sentences are being searched; the others in the batch get their answers."""
-    long_text = [f"{LINES[i % len(LINES)]}" for i in range(40)]
-    results: dict = {}
+def test_client_disconnect_does_not_break_its_batch(served, cli_out, caplog, monkeypatch) -> None:
+    """A client gives up while its sentences are being searched; the others in the batch get their answers.
+
+    The search is gated so that the order of events is fixed: a first request holds the worker, the
+    impatient request and four others queue up, their batch starts, the impatient client times out
+    while it runs, then the batch ends."""
+    engine = served.app.state.served[0].engine
+    original = engine.translate
+    gates = [threading.Event(), threading.Event()]
+    calls: list[list[str]] = []
+
+    def gated(sentences: list[str], opts):
+        calls.append(list(sentences))
+        if len(calls) <= len(gates):
+            gates[len(calls) - 1].wait(30)
+        return original(sentences, opts)
+
+    monkeypatch.setattr(engine, "translate", gated)
+    long_text = [LINES[i % len(LINES)] for i in range(30)]
+    outcome: dict = {}
 
     def impatient() -> None:
         try:
-            httpx.post(f"{served.url}/v1/translate", json={"text": long_text, "target": "es"}, timeout=0.15)
-            results["impatient"] = "answered"
+            httpx.post(f"{served.url}/v1/translate", json={"text": long_text, "target": "es"}, timeout=3.0)
+            outcome["impatient"] = "answered"
         except httpx.TimeoutException:
-            results["impatient"] = "gave up"
+            outcome["impatient"] = "gave up"
 
-    def patient(i: int) -> str:
-        time.sleep(0.02)
+    def ask(i: int) -> str:
         r = httpx.post(f"{served.url}/v1/translate", json={"text": LINES[i], "target": "es"}, timeout=60)
-        assert r.status_code == 200
+        assert r.status_code == 200, r.text
         return r.json()["translations"][0]["text"]
 
+    def wait_for(condition, what: str) -> None:
+        for _ in range(1000):
+            if condition():
+                return
+            time.sleep(0.01)
+        pytest.fail(f"timed out waiting for {what}")
+
     before = httpx.get(f"{served.url}/metrics").text
-    with caplog.at_level(logging.INFO), ThreadPoolExecutor(5) as pool:
-        first = pool.submit(impatient)
-        answers = list(pool.map(patient, range(4)))
-        first.result()
+    with caplog.at_level(logging.INFO), ThreadPoolExecutor(6) as pool:
+        holder = pool.submit(ask, 6)
+        wait_for(lambda: len(calls) == 1, "the first batch")
+        gone = pool.submit(impatient)
+        wait_for(
+            lambda: httpx.get(f"{served.url}/health").json()["queued_requests"] == 1, "the impatient request"
+        )
+        others = [pool.submit(ask, i) for i in range(4)]
+        wait_for(
+            lambda: httpx.get(f"{served.url}/health").json()["queued_requests"] == 5, "five queued requests"
+        )
+        gates[0].set()
+        wait_for(lambda: len(calls) == 2, "the second batch")
+        gone.result(30)  # the client timed out while its sentences were being searched
+        gates[1].set()
+        answers = [f.result(60) for f in others]
+        assert holder.result(60) == cli_out["plain"][6]
+    assert outcome["impatient"] == "gave up"
+    # one batch held the impatient request and the four others (those in their order of arrival)
+    assert calls[1][:30] == long_text and sorted(calls[1][30:]) == sorted(LINES[:4])
     assert answers == cli_out["plain"][:4]
-    assert results["impatient"] == "gave up"
     after = httpx.get(f"{served.url}/metrics").text
-
-    def delta(name: str) -> float:
-        return _metric(after, name, pair="en-es") - _metric(before, name, pair="en-es")
-
-    # 5 requests in fewer batches: the impatient one shared its batch with at least one other
-    assert delta("translate_batch_requests_sum") == 5 and delta("translate_batch_requests_count") < 5
-    time.sleep(0.5)
-    assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
+    batches = _metric(after, "translate_batch_requests_count", pair="en-es") - _metric(
+        before, "translate_batch_requests_count", pair="en-es"
+    )
+    assert batches == 2
+    monkeypatch.undo()
+    assert httpx.get(f"{served.url}/health").json() == {
+        "status": "ok",
+        "models": ["en-es", "es-en"],
+        "queued_requests": 0,
+        "in_flight_requests": 0,
+    }
     r = httpx.post(f"{served.url}/v1/translate", json={"text": LINES[5], "target": "es"}, timeout=60)
     assert r.json()["translations"][0]["text"] == cli_out["plain"][5]
     assert not [rec for rec in caplog.records if rec.exc_info or "Traceback" in rec.getMessage()]
