@@ -174,6 +174,8 @@ def decode(
         help="file, one line per input line: text the translation must start with (empty = none)")] = None,
     align: Annotated[bool, typer.Option(
         "--align", help="append TAB + source-target word alignments (Pharaoh: 0-0 1-2 ...)")] = False,
+    split_sentences: Annotated[bool, typer.Option(
+        "--split-sentences", help="cut each line into sentences (pysbd), translate, rejoin")] = False,
 ) -> None:
     """Translate a file, or stdin line by line, with a trained checkpoint.
 
@@ -195,7 +197,7 @@ def decode(
                        max_len_a=max_len_a, max_len_b=max_len_b, batch_tokens=batch_tokens, precision=precision,
                        workers=workers, min_len=min_len, no_repeat_ngram=no_repeat_ngram, repeat_guard=repeat_guard)
         run_decode(checkpoints, input, output, options, stream, device, threads, encoding_errors,
-                   inputs=LineInputs(constraints, glossary, prefix, align))
+                   inputs=LineInputs(constraints, glossary, prefix, align, split_sentences))
 
 
 @app.command()
@@ -411,6 +413,43 @@ def plot(runs: Annotated[List[Path], typer.Argument(help="run directories (or th
         from .plots import save_curves_png
         summary = save_curves_png(runs, output)
         typer.echo(json.dumps({"output": str(output), "runs": summary}))
+# ---------------------------------------------------------------- translate serve (issue 17) --
+# The only hook of the HTTP server in this file: options -> ServeConfig -> serve.run_server.
+@app.command()
+def serve(
+    checkpoints: Annotated[Optional[List[Path]], typer.Argument(
+        help="checkpoint(s) to serve, one model each, known by its recipe's language pair")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: all interfaces)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port, logged)")] = 8000,
+    models: Annotated[Optional[Path], typer.Option(help="YAML list of models: path, source, target")] = None,
+    max_chars: Annotated[int, typer.Option(min=1, help="characters per request (more: 413)")] = 20000,
+    max_sentences: Annotated[int, typer.Option(min=1, help="sentences per request (more: 413)")] = 256,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a batch waits for requests")] = 5.0,
+    batch_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="batch budget: beam rows x source tokens (default: the model's x workers)")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all cores)")] = 0,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or int8 (default: checkpoint)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once per model")] = None,
+    access_log: Annotated[bool, typer.Option(help="log one line per request")] = True,
+) -> None:
+    """Serve models over HTTP: JSON API, LibreTranslate and OpenNMT-py compatible endpoints, a web page.
+
+    Sentences of concurrent requests share search batches; each answer equals `translate decode`
+    of the same text. SIGTERM or Ctrl-C finishes the requests in flight, then exits.
+
+    Examples:
+      translate serve runs/bible-en-es/checkpoints/best.pt runs/bible-es-en/checkpoints/best.pt
+      curl -s localhost:8000/v1/translate -d '{"text": "Jesus wept.", "target": "es"}'
+    """
+    _setup_logging()
+    with _user_errors():
+        from .serve import ServeConfig, run_server
+        config = ServeConfig(host=host, port=port, max_chars=max_chars, max_sentences=max_sentences,
+                             max_wait_ms=max_wait_ms, batch_tokens=batch_tokens, device=device,
+                             threads=threads, precision=precision, workers=workers, access_log=access_log)
+        run_server(checkpoints or [], models, config)
+# ------------------------------------------------------------ end of translate serve (issue 17) --
 
 
 def main() -> None:

@@ -230,6 +230,24 @@ def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int
     return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" + tail(j) for j, h in enumerate(hyps[:n_best])]
 
 
+def translate_split(translator: Translator, lines: Sequence[str], opts: Optional[DecodeConfig] = None
+                    ) -> list[str]:
+    """Translate each line as a document: split into sentences, translate them all in one window,
+    rejoin per line (the same split and join as `translate serve`)."""
+    from .segment import join_document, split_document
+
+    lang = translator.recipe.data.src_lang
+    docs = [split_document(clean_line(line), lang) for line in lines]
+    sentences = [s for d in docs for s in d.sentences]
+    hyps = translator.translate_window(sentences, opts)
+    texts = [translator.detok(h[0]) if h else "" for h in hyps]
+    out, start = [], 0
+    for d in docs:
+        out.append(join_document(d, texts[start:start + len(d.sentences)]))
+        start += len(d.sentences)
+    return out
+
+
 # ---------------------------------------------------------- document decoding inputs (issue 18)
 
 def read_constraints(path: Path, errors: str = "strict") -> list[list[str]]:
@@ -296,6 +314,7 @@ class LineInputs:
     glossary_file: Optional[Path] = None  # source term<TAB>target term; a term found in a line adds a constraint
     prefix_file: Optional[Path] = None  # the text each output line starts with
     align: bool = False  # append Pharaoh word alignments
+    split_sentences: bool = False  # cut each line into sentences, translate them, rejoin (one line per line)
 
 
 def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str, Any], stream: bool = False,
@@ -305,7 +324,7 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
 
     `options` are the command line's decoding settings (None = not given); `recipe` a recipe's
     decode section whose explicit keys rank below them (`translate run`); `inputs` the per-line
-    constraints, glossary, prefixes and the alignment switch.
+    constraints, glossary, prefixes, the alignment switch and sentence splitting.
     """
     import sys
     import time
@@ -330,6 +349,10 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
     opts = translator.config
     if (cons_rows is not None or glossary is not None) and opts.sample:
         raise DataError("--constraints and --glossary need beam search, not --sample")
+    if inputs.split_sentences and (opts.n_best > 1 or inputs.align or cons_rows is not None
+                                   or glossary is not None or prefix_rows is not None):
+        raise DataError("--split-sentences gives one line per input line: it does not go with --n-best, --align, "
+                        "--constraints, --glossary or --prefix")
     counts: dict = {}
     from_stdin = input == "-"
     if from_stdin:
@@ -340,15 +363,18 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
     start, index = time.perf_counter(), 0
     try:
         for chunk in chunks:
-            cons = _slice(cons_rows, index, len(chunk), constraints_file)
-            if glossary is not None:
-                base = cons if cons is not None else [[] for _ in chunk]
-                cons = [c + glossary_constraints(glossary, clean_line(line)) for c, line in zip(base, chunk)]
-            pre = _slice(prefix_rows, index, len(chunk), prefix_file)
-            hyps = translator.translate_window(chunk, opts, index + 1, constraints=cons, prefixes=pre)
-            aligned = translator.alignments(hyps, opts.n_best) if inputs.align else [None] * len(hyps)
-            rows = [r for i, (h, a) in enumerate(zip(hyps, aligned))
-                    for r in format_hypotheses(translator, h, index + i, opts.n_best, a)]
+            if inputs.split_sentences:
+                rows = translate_split(translator, chunk, opts)
+            else:
+                cons = _slice(cons_rows, index, len(chunk), constraints_file)
+                if glossary is not None:
+                    base = cons if cons is not None else [[] for _ in chunk]
+                    cons = [c + glossary_constraints(glossary, clean_line(line)) for c, line in zip(base, chunk)]
+                pre = _slice(prefix_rows, index, len(chunk), prefix_file)
+                hyps = translator.translate_window(chunk, opts, index + 1, constraints=cons, prefixes=pre)
+                aligned = translator.alignments(hyps, opts.n_best) if inputs.align else [None] * len(hyps)
+                rows = [r for i, (h, a) in enumerate(zip(hyps, aligned))
+                        for r in format_hypotheses(translator, h, index + i, opts.n_best, a)]
             out.write_lines(rows, flush=from_stdin or output == "-")
             index += len(chunk)
             if not from_stdin:
