@@ -157,7 +157,7 @@ def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
 
 def _from_state(path: Path, state: dict[str, Any]) -> Checkpoint:
     try:
-        recipe = recipe_from_dict(state["recipe"], f"{path} (stored recipe)")
+        recipe = recipe_from_dict(state["recipe"], f"{path} (stored recipe)", stored=True)
     except (RecipeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: stored recipe is invalid: {exc}") from None
     try:

@@ -10,7 +10,7 @@ side, then the batch order is shuffled with a seed derived from (seed, epoch), s
 rebuilds the same epoch and skips to its position; ranks take disjoint shards.
 
 This room does not know the model. Public names: DataError, read_lines, read_split, clean_line,
-ParallelText, encode_pairs, EncodedCorpus, make_batches, shard_batches, Batch, collate.
+ParallelText, encode_pairs, EncodedCorpus, mix_replay, make_batches, shard_batches, Batch, collate.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .recipe import Split, UserError
 from .tokenizer import Tokenizer
 
 __all__ = ["DataError", "decode_bytes", "read_lines", "iter_lines", "read_split", "clean_line", "ParallelText",
-           "encode_pairs", "EncodedCorpus", "length_batches", "make_batches", "pad_rows", "shard_batches", "Batch", "collate"]
+           "encode_pairs", "EncodedCorpus", "length_batches", "make_batches", "pad_rows", "shard_batches", "Batch", "collate",
+           "mix_replay"]
 
 
 class DataError(UserError):
@@ -182,6 +183,20 @@ def encode_pairs(text: ParallelText, tok: Tokenizer, max_len: int, max_len_ratio
         out.src.append(s + [tok.eos_id])
         out.tgt.append(t)
     return out
+
+
+def mix_replay(main: EncodedCorpus, replay: EncodedCorpus, ratio: float, seed: int) -> tuple[EncodedCorpus, int]:
+    """`main` followed by k pairs sampled from `replay`, so that replayed pairs are `ratio` of the result.
+
+    k = round(n * ratio / (1 - ratio)) for n main pairs (k / (n + k) = ratio), at most len(replay);
+    sampled without replacement with random.Random(seed), kept in the replay corpus's order. Returns
+    (the mixed corpus, k). Batching later shuffles everything together.
+    """
+    k = min(len(replay), round(len(main) * ratio / (1.0 - ratio)))
+    pick = sorted(random.Random(seed).sample(range(len(replay)), k))
+    mixed = EncodedCorpus(main.src + [replay.src[i] for i in pick], main.tgt + [replay.tgt[i] for i in pick],
+                          main.dropped_too_long, main.dropped_ratio)
+    return mixed, k
 
 
 def length_batches(order: Sequence[int], lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

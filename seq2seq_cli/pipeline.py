@@ -4,6 +4,8 @@ Each stage has a fingerprint: a hash of the recipe sections it reads, the conten
 files and the fingerprint of the stage before it. A stage whose fingerprint matches the one
 recorded when it last completed (in OUTPUT_DIR/stages.json) is skipped. Training is never
 marked complete until it finishes, so an interrupted run resumes from its last checkpoint.
+With `train.init_from` there is no tokenizer stage: the parent's tokenizer is the run's (the
+training stage writes it into OUTPUT_DIR/tokenizer).
 
 Public names: run_tokenizer, run_train, run_decode_test, run_score_test, run_pipeline.
 """
@@ -19,7 +21,7 @@ from typing import Any, Callable, Optional
 from .atomic import atomic_write
 from .checkpoint import RunDir, content_hash, load_checkpoint
 from .data import read_split
-from .recipe import Recipe, Split
+from .recipe import Recipe, RecipeError, Split
 from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = ["run_tokenizer", "run_train", "run_decode_test", "run_score_test", "run_pipeline"]
@@ -43,6 +45,8 @@ def _split_files(split: Optional[Split]) -> list[Optional[Path]]:
 
 def run_tokenizer(recipe: Recipe) -> dict[str, Any]:
     """Train sentencepiece on the training split; report vocab sizes and pieces per sentence."""
+    if recipe.train.init_from is not None:
+        raise RecipeError("train.init_from is set: the run uses the parent's tokenizer, there is none to train")
     text = read_split(recipe.data.train, recipe.data.encoding_errors)
     out = RunDir(recipe.output_dir).tokenizer
     tok = train_tokenizer(recipe.tokenizer, text.src, text.tgt, out)
@@ -63,7 +67,7 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
 
     run = RunDir(recipe.output_dir)
     ctx = dist.init_from_env()  # under torchrun: join the group so rank 0 can train the tokenizer first
-    if ctx.rank == 0 and not _tokenizer_ready(run):
+    if ctx.rank == 0 and recipe.train.init_from is None and not _tokenizer_ready(run):
         run_tokenizer(recipe)
     dist.barrier(ctx)
     result = train(recipe, progress=progress)
@@ -130,7 +134,8 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
     d = recipe.data
     fp_tok = _digest([recipe.tokenizer.model_dump(mode="json"), d.encoding_errors], _split_files(d.train))
     fp_train = _digest([fp_tok, recipe.model.model_dump(mode="json"), recipe.train.model_dump(mode="json"),
-                        recipe.seed, d.model_dump(mode="json", exclude={"test"})], _split_files(d.dev))
+                        recipe.seed, d.model_dump(mode="json", exclude={"test"})],
+                       _split_files(d.dev) + _split_files(d.replay))
 
     def fp_dec() -> str:  # after training: the model file's content and stored (tuned) settings count too
         ckpt = load_checkpoint(best_checkpoint(recipe), mmap=True)
@@ -141,10 +146,14 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
         ("tokenizer", lambda: fp_tok, lambda: run_tokenizer(recipe)),
         ("train", lambda: fp_train, lambda: run_train(recipe, progress)),
     ]
+    results: dict[str, Any] = {}
+    if recipe.train.init_from is not None:
+        stages = stages[1:]
+        results["tokenizer"] = "skipped: train.init_from, the parent's tokenizer"
+        log.info("stage tokenizer: skipped (train.init_from: the parent's tokenizer is used)")
     if d.test is not None:
         stages += [("decode", fp_dec, lambda: run_decode_test(recipe)),
                    ("score", lambda: _digest([done["decode"]], _split_files(d.test)), lambda: run_score_test(recipe))]
-    results: dict[str, Any] = {}
     for name, fingerprint, fn in stages:
         fp = fingerprint()
         if done.get(name) == fp:

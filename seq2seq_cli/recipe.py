@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 __all__ = [
-    "UserError", "RecipeError", "Split", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig",
+    "UserError", "RecipeError", "Split", "ReplaySplit", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig",
     "DecodeConfig", "Recipe", "resolve_decode", "load_recipe", "recipe_from_dict", "dump_recipe", "parse_override", "check_data_files",
 ]
 
@@ -54,10 +54,18 @@ class Split(_Strict):
         return self
 
 
+class ReplaySplit(Split):
+    """Pairs of another corpus (typically the parent model's) mixed into training to limit forgetting."""
+
+    ratio: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the training pairs drawn from this corpus "
+                                                          "(sampled without replacement with the recipe seed)")
+
+
 class DataConfig(_Strict):
     """Corpus files and the length filter applied to training pairs."""
 
     train: Split
+    replay: Optional[ReplaySplit] = Field(None, description="fine-tuning: mix in pairs of the parent's corpus")
     dev: Optional[Split] = None
     test: Optional[Split] = None
     src_lang: str = "src"
@@ -137,6 +145,10 @@ class TrainConfig(_Strict):
     patience: int = Field(0, ge=0, description="stop after this many validations without improvement (0 = off)")
     keep_last: int = Field(3, ge=1)
     average_last: int = Field(0, ge=0, description="average the last N checkpoints into average.pt (0 = off)")
+    init_from: Optional[Path] = Field(None, description="fine-tune: start from this checkpoint's weights, tokenizer "
+                                                        "and model shape (used only while the run has no last.pt)")
+    freeze: list[Literal["embeddings", "encoder", "decoder"]] = Field(
+        default_factory=list, description="parameter groups not trained (embeddings includes a tied output layer)")
 
 
 class DecodeConfig(_Strict):
@@ -192,9 +204,15 @@ class Recipe(_Strict):
     decode: DecodeConfig = DecodeConfig()
 
     @model_validator(mode="after")
-    def _sharing_needs_joint(self) -> "Recipe":
+    def _sharing_needs_joint(self, info: ValidationInfo) -> "Recipe":
         if self.model.share_embeddings and not self.tokenizer.joint:
             raise ValueError("model.share_embeddings needs tokenizer.joint: true (or set it to false)")
+        stored = bool((info.context or {}).get("stored"))  # a checkpoint's recipe: its budgets are history
+        if not stored and not (self.train.max_steps or self.train.max_epochs or self.train.max_time):
+            raise ValueError("train.max_steps, train.max_epochs and train.max_time are all 0: training would never "
+                             "stop; set at least one of them")
+        if len(set(self.train.freeze)) == 3:
+            raise ValueError("train.freeze: freezing embeddings, encoder and decoder leaves nothing to train")
         if self.train.schedule == "budget" and not (self.train.max_steps or self.train.max_time):
             raise ValueError("train.schedule budget needs a budget to fit: set train.max_steps or train.max_time")
         if self.data.max_len > self.model.max_positions:
@@ -281,10 +299,15 @@ def _describe(err: dict, source: str) -> str:
     return f"{source}: {path}: {msg}{got}"
 
 
-def recipe_from_dict(tree: dict, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
-    """Validate a plain dict; relative paths are resolved against base_dir."""
+def recipe_from_dict(tree: dict, source: str = "<recipe>", base_dir: Path | None = None,
+                     stored: bool = False) -> Recipe:
+    """Validate a plain dict; relative paths are resolved against base_dir.
+
+    stored=True: the recipe kept in a checkpoint, which is read even if it would no longer be
+    accepted to start a run (all budgets 0, written before that became an error).
+    """
     try:
-        recipe = Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree, context={"stored": stored})
     except ValidationError as exc:
         raise RecipeError("\n".join(_describe(e, source) for e in exc.errors())) from None
     return _resolve_paths(recipe, base_dir) if base_dir is not None else recipe
@@ -300,8 +323,10 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         return s.model_copy(update={"src": fix(s.src), "tgt": fix(s.tgt), "tsv": fix(s.tsv),
                                     "refs": [fix(r) for r in s.refs]})
 
-    data = recipe.data.model_copy(update={k: fix_split(getattr(recipe.data, k)) for k in ("train", "dev", "test")})
-    return recipe.model_copy(update={"data": data, "output_dir": fix(recipe.output_dir)})
+    splits = ("train", "replay", "dev", "test")
+    data = recipe.data.model_copy(update={k: fix_split(getattr(recipe.data, k)) for k in splits})
+    train = recipe.train.model_copy(update={"init_from": fix(recipe.train.init_from)})
+    return recipe.model_copy(update={"data": data, "train": train, "output_dir": fix(recipe.output_dir)})
 
 
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
@@ -331,7 +356,7 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
 def check_data_files(recipe: Recipe) -> None:
     """Raise one RecipeError listing every data file that is missing or not a regular file."""
     problems = []
-    for name in ("train", "dev", "test"):
+    for name in ("train", "replay", "dev", "test"):
         split = getattr(recipe.data, name)
         if split is None:
             continue

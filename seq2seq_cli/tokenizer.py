@@ -124,6 +124,18 @@ class Tokenizer:
         encoded = self._sp(side).encode(list(lines), out_type=int, num_threads=self._threads)
         return sum(map(len, encoded)) / len(encoded)
 
+    def coverage(self, lines: Sequence[str], side: Side) -> tuple[float, float]:
+        """How well this vocabulary covers some text: (unknown-piece rate, pieces per line).
+
+        unknown-piece rate = (pieces that are UNK) / (all pieces), over all lines; (0.0, 0.0) for no lines.
+        """
+        if not lines:
+            return 0.0, 0.0
+        encoded = self._sp(side).encode(list(lines), out_type=int, num_threads=self._threads)
+        pieces = sum(map(len, encoded))
+        unknown = sum(ids.count(UNK_ID) for ids in encoded)
+        return unknown / max(1, pieces), pieces / len(encoded)
+
     # ------------------------------------------------------------------- state and files
     def to_state(self) -> dict[str, Optional[bytes]]:
         """Plain dict for a checkpoint: {"src": bytes, "tgt": bytes | None (joint)}."""

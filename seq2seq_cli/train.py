@@ -8,6 +8,13 @@ of each epoch's batches, and only rank 0 validates, logs and writes files.
 
 A run resumes from `checkpoints/last.pt`: weights, optimizer, schedule, RNG states and the
 position in the epoch's batch order are restored, so the continued run sees the same batches.
+
+Fine-tuning (`train.init_from: PARENT.pt`, while the run has no last.pt yet): the model shape and
+the tokenizer are the parent's (`finetune_recipe`), its weights are loaded before the first update,
+and the optimizer, schedule and step counter start fresh; the parent's tokenizer is written into
+OUTPUT_DIR/tokenizer and goes into every checkpoint, so once last.pt exists the run resumes from it
+like any other. `train.freeze` keeps parameter groups fixed; `data.replay` mixes pairs of another
+corpus into the training data.
 SIGINT/SIGTERM save a checkpoint first and then raise `TrainingInterrupted`.
 
 This room does not parse CLI options. Public names: train, TrainResult, TrainingInterrupted.
@@ -42,17 +49,27 @@ from .checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
-from .data import DataError, EncodedCorpus, ParallelText, collate, encode_pairs, make_batches, read_split, shard_batches
+from .data import (
+    DataError,
+    EncodedCorpus,
+    ParallelText,
+    collate,
+    encode_pairs,
+    make_batches,
+    mix_replay,
+    read_split,
+    shard_batches,
+)
 from .loss import label_smoothed_nll
 from .model import Seq2SeqTransformer, build_model
 from .precision import resolve_precision
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 from .schedule import make_scheduler
 from .score import dev_scores
 from .search import translate_ids
 from .tokenizer import Tokenizer
 
-__all__ = ["train", "TrainResult", "TrainingInterrupted"]
+__all__ = ["train", "TrainResult", "TrainingInterrupted", "finetune_recipe", "freeze"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +90,8 @@ class TrainResult:
     best_score: Optional[float]
     last_path: str
     best_path: Optional[str]
+    coverage: Optional[dict[str, float]] = None  # init_from: the parent tokenizer on the new training text
+    replay: Optional[dict[str, float]] = None  # data.replay: how many pairs were mixed in
 
 
 @dataclass
@@ -96,10 +115,21 @@ class Corpora:
     tgt_lens: list[int]
     dev_text: Optional[ParallelText] = None
     dev: Optional[EncodedCorpus] = None
+    coverage: Optional[dict[str, float]] = None
+    replay: Optional[dict[str, float]] = None
+
+
+def coverage_report(tok: Tokenizer, text: ParallelText) -> dict[str, float]:
+    """The tokenizer's unknown-piece rate and pieces per sentence on each side of `text`."""
+    out: dict[str, float] = {}
+    for side, lines in (("src", text.src), ("tgt", text.tgt)):
+        unk, pieces = tok.coverage(lines, side)  # type: ignore[arg-type]
+        out[f"{side}_unk_rate"], out[f"{side}_pieces_per_sentence"] = round(unk, 6), round(pieces, 2)
+    return out
 
 
 def load_corpora(recipe: Recipe, tok: Tokenizer, report: bool) -> Corpora:
-    """Read, encode and filter the training split; read the dev split (long lines truncated)."""
+    """Read, encode and filter the training split (+ replayed pairs); read the dev split (long lines truncated)."""
     d = recipe.data
     text = read_split(d.train, d.encoding_errors)
     train = encode_pairs(text, tok, d.max_len, d.max_len_ratio)
@@ -108,12 +138,93 @@ def load_corpora(recipe: Recipe, tok: Tokenizer, report: bool) -> Corpora:
     if report:
         log.info("train: %d pairs kept, %d blank skipped, %d longer than %d dropped, %d dropped by ratio",
                  len(train), text.blank_pairs, train.dropped_too_long, d.max_len, train.dropped_ratio)
-    corpora = Corpora(train, [len(s) for s in train.src], [len(t) for t in train.tgt])
+    coverage = coverage_report(tok, text) if recipe.train.init_from is not None else None
+    if coverage is not None and report:
+        log.info("parent tokenizer on the new training text: %s", coverage)
+    replay = None
+    if d.replay is not None:
+        pool = encode_pairs(read_split(d.replay, d.encoding_errors), tok, d.max_len, d.max_len_ratio)
+        n_main = len(train)
+        train, k = mix_replay(train, pool, d.replay.ratio, recipe.seed)
+        replay = {"in_domain_pairs": n_main, "replay_pairs": k, "replay_pool": len(pool),
+                  "replay_fraction": round(k / len(train), 4)}
+        if report:
+            log.info("replay: %d of %d pairs of %s mixed into %d in-domain pairs (%.1f%% of training pairs)",
+                     k, len(pool), d.replay.src or d.replay.tsv, n_main, 100 * replay["replay_fraction"])
+    corpora = Corpora(train, [len(s) for s in train.src], [len(t) for t in train.tgt], coverage=coverage,
+                      replay=replay)
     if d.dev is not None:
         corpora.dev_text = read_split(d.dev, d.encoding_errors)
         corpora.dev = encode_pairs(corpora.dev_text, tok, recipe.model.max_positions, filter_long=False,
                                    truncate=True)
     return corpora
+
+
+_DROPOUTS = {"dropout", "attention_dropout", "activation_dropout"}
+
+
+def finetune_recipe(recipe: Recipe, parent: Checkpoint) -> Recipe:
+    """The recipe with the parent checkpoint's model and tokenizer sections (train.init_from).
+
+    The model shape and the tokenizer are the parent's. Keys of these sections that the recipe
+    gives explicitly (in the YAML or with --set: pydantic's `model_fields_set`) must equal the
+    parent's, except the three dropout rates, which a fine-tuning run may change; any other
+    difference is a one-line RecipeError naming the key.
+    """
+    sections = {}
+    for name in ("model", "tokenizer"):
+        mine, theirs = getattr(recipe, name), getattr(parent.recipe, name)
+        free = _DROPOUTS if name == "model" else set()
+        for key in sorted(mine.model_fields_set - free):
+            if getattr(mine, key) != getattr(theirs, key):
+                raise RecipeError(f"train.init_from: parent has {name}.{key} {getattr(theirs, key)!r}, "
+                                  f"this recipe says {getattr(mine, key)!r} ({parent.where()})")
+        sections[name] = theirs.model_copy(update={k: getattr(mine, k) for k in mine.model_fields_set & free})
+    if recipe.data.max_len > sections["model"].max_positions:
+        raise RecipeError(f"train.init_from: data.max_len ({recipe.data.max_len}) must not exceed the parent's "
+                          f"model.max_positions ({sections['model'].max_positions})")
+    return recipe.model_copy(update=sections)
+
+
+def _init_source(recipe: Recipe, run: RunDir) -> tuple[Recipe, Optional[Checkpoint], Tokenizer]:
+    """For train.init_from: (the fine-tuning recipe, the parent to load weights from, its tokenizer).
+
+    While the run has no last.pt the parent file is read; afterwards last.pt (which holds the same
+    model shape and tokenizer) is, and the parent (None) is not needed again.
+    """
+    assert recipe.train.init_from is not None
+    resuming = run.last.exists()
+    try:
+        source = load_checkpoint(run.last if resuming else recipe.train.init_from, mmap=True)
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc) if resuming else f"train.init_from: {exc}") from None
+    try:
+        tok = Tokenizer.from_state(dict(source.tokenizer))
+    except Exception as exc:  # sentencepiece raises bare RuntimeErrors on bad protos
+        raise CheckpointError(f"train.init_from: {source.where()}: stored tokenizer is unreadable ({exc})") from None
+    return finetune_recipe(recipe, source), None if resuming else source, tok
+
+
+def freeze(model: Seq2SeqTransformer, groups: list[str]) -> int:
+    """Set requires_grad False on the parameter groups named (embeddings, encoder, decoder); return
+    how many parameters (elements) that froze.
+
+    embeddings = source/target embeddings and learned positions; with tied output (the default) the
+    output layer *is* the target embedding, so it freezes with the embeddings. encoder/decoder = their
+    layers and final norm; an untied output layer belongs to the decoder.
+    """
+    modules: dict[str, list[Optional[torch.nn.Module]]] = {
+        "embeddings": [model.src_embed, model.tgt_embed, model.pos_embed],
+        "encoder": [model.encoder, model.enc_norm],
+        "decoder": [model.decoder, model.dec_norm, None if model.cfg.tie_output else model.output]}
+    frozen: dict[int, torch.nn.Parameter] = {}
+    for group in groups:
+        for module in modules[group]:
+            for p in module.parameters() if module is not None else ():
+                frozen[id(p)] = p
+    for p in frozen.values():
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen.values())
 
 
 class Validator:
@@ -185,12 +296,32 @@ class Trainer:
         torch.set_num_threads(threads)
         self.run_dir = RunDir(recipe.output_dir)
         self.progress = progress and self.main
-        self.tok = Tokenizer.load(self.run_dir.tokenizer)
+        parent: Optional[Checkpoint] = None
+        if recipe.train.init_from is not None:
+            recipe, parent, self.tok = _init_source(recipe, self.run_dir)
+            self.recipe = recipe
+            if self.main:
+                self.tok.save(self.run_dir.tokenizer)
+        else:
+            self.tok = Tokenizer.load(self.run_dir.tokenizer)
         self.data = load_corpora(recipe, self.tok, self.main)
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)
         self.model: Seq2SeqTransformer = build_model(recipe.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size,
                                                      self.tok.pad_id, self.tok.bos_id, self.tok.eos_id).to(self.device)
+        if parent is not None:
+            try:
+                self.model.load_state_dict(dict(parent.weights))
+            except RuntimeError:
+                raise CheckpointError(f"train.init_from: {parent.where()}: weights do not fit its stored model "
+                                      "shape and tokenizer") from None
+            if self.main:
+                log.info("fine-tuning from %s (step %d): fresh optimizer, schedule and step counter",
+                         parent.where(), parent.step)
+        if self.cfg.freeze:
+            n = freeze(self.model, list(self.cfg.freeze))
+            if self.main:
+                log.info("frozen: %s (%d parameters)", ", ".join(self.cfg.freeze), n)
         opt_cls = torch.optim.AdamW if self.cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=1.0, betas=self.cfg.betas, eps=self.cfg.eps,
                                  weight_decay=self.cfg.weight_decay)
@@ -207,6 +338,10 @@ class Trainer:
         if self.ctx.world == 1:
             _interruptible_backward(self.model)
         self.saved_step = self.pos.step if self.run_dir.last.exists() else -1
+        if parent is not None or (self.data.replay is not None and not self.run_dir.last.exists()):
+            self.run_dir.root.mkdir(parents=True, exist_ok=True)
+            self.log_record({"type": "data", "step": 0, "init_from": None if parent is None else str(parent.where()),
+                             "coverage": self.data.coverage, "replay": self.data.replay})
         self.validate: Optional[Validator] = None
         if self.data.dev is not None and self.data.dev_text is not None:
             self.validate = Validator(recipe, self.tok, self.data.dev_text, self.data.dev, self.device,
@@ -477,7 +612,7 @@ class Trainer:
         best = self.run_dir.best if self.run_dir.best.exists() else None
         dist.barrier(self.ctx)
         return TrainResult(self.pos.step, self.pos.epoch, reason, self.pos.best_score, str(self.run_dir.last),
-                           str(best) if best else None)
+                           str(best) if best else None, self.data.coverage, self.data.replay)
 
 
 class _StepAborted(Exception):
