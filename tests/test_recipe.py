@@ -22,7 +22,8 @@ from seq2seq_cli.recipe import (
 )
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
-BASE = {"output_dir": "out", "data": {"train": {"src": "train.en", "tgt": "train.es"}}}
+BASE = {"output_dir": "out", "data": {"train": {"src": "train.en", "tgt": "train.es"}},
+        "train": {"max_time": 30}}  # a recipe needs some budget (all zero = never stops: an error)
 
 
 def write(tmp_path: Path, tree_or_text, name: str = "r.yaml") -> Path:
@@ -39,6 +40,8 @@ def error_of(tree: dict, source: str = "r.yaml") -> str:
 
 def with_(**sections) -> dict:
     tree = copy.deepcopy(BASE)
+    if isinstance(sections.get("train"), dict):  # keep BASE's budget unless the section sets its own keys
+        sections = {**sections, "train": {**BASE["train"], **sections["train"]}}
     tree.update(sections)
     return tree
 
@@ -240,8 +243,9 @@ def test_override_into_non_section(tmp_path: Path) -> None:
 def test_relative_paths_resolve_against_recipe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sub = tmp_path / "conf" / "exp"
     sub.mkdir(parents=True)
-    tree = {"output_dir": "../runs/a",
+    tree = {"output_dir": "../runs/a", "train": {"max_steps": 1, "init_from": "../p/best.pt"},
             "data": {"train": {"src": "d/train.en", "tgt": "/abs/train.es"},
+                     "replay": {"src": "old.en", "tgt": "old.es", "ratio": 0.3},
                      "dev": {"tsv": "dev.tsv", "refs": ["r1.txt", "../r2.txt"]}}}
     path = write(sub, tree)
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
@@ -250,6 +254,8 @@ def test_relative_paths_resolve_against_recipe_dir(tmp_path: Path, monkeypatch: 
     assert r.data.train.src == (sub / "d" / "train.en").resolve()
     assert r.data.train.tgt == Path("/abs/train.es")
     assert r.data.dev.tsv == (sub / "dev.tsv").resolve()
+    assert r.train.init_from == (tmp_path / "conf" / "p" / "best.pt").resolve()
+    assert (r.data.replay.src, r.data.replay.ratio) == ((sub / "old.en").resolve(), 0.3)
     assert r.data.dev.refs == [(sub / "r1.txt").resolve(), (tmp_path / "conf" / "r2.txt").resolve()]
     assert r.data.test is None
     assert path.exists()
@@ -342,7 +348,7 @@ def test_empty_file_reports_missing_sections(tmp_path: Path) -> None:
 def test_check_data_files_lists_every_missing_file(tmp_path: Path) -> None:
     (tmp_path / "train.en").write_text("a\n")
     (tmp_path / "devdir").mkdir()
-    tree = {"output_dir": "out",
+    tree = {"output_dir": "out", "train": {"max_steps": 1},
             "data": {"train": {"src": "train.en", "tgt": "train.es"},
                      "dev": {"src": "devdir", "tgt": "dev.es", "refs": ["ref1"]},
                      "test": {"tsv": "test.tsv"}}}
@@ -363,7 +369,8 @@ def test_check_data_files_lists_every_missing_file(tmp_path: Path) -> None:
 def test_check_data_files_ok(tmp_path: Path) -> None:
     for name in ("a", "b"):
         (tmp_path / name).write_text("x\n")
-    r = load_recipe(write(tmp_path, {"output_dir": "o", "data": {"train": {"src": "a", "tgt": "b"}}}))
+    r = load_recipe(write(tmp_path, {"output_dir": "o", "data": {"train": {"src": "a", "tgt": "b"}},
+                                     "train": {"max_steps": 1}}))
     assert check_data_files(r) is None
 
 
