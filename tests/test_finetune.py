@@ -19,7 +19,7 @@ from seq2seq_cli.checkpoint import load_checkpoint
 from seq2seq_cli.cli import app
 from seq2seq_cli.data import EncodedCorpus, mix_replay
 from seq2seq_cli.pipeline import run_pipeline, run_train
-from seq2seq_cli.recipe import RecipeError, recipe_from_dict
+from seq2seq_cli.recipe import RecipeError, check_data_files, load_recipe, recipe_from_dict
 from seq2seq_cli.tokenizer import Tokenizer
 from seq2seq_cli.train import Trainer, load_corpora
 
@@ -260,3 +260,15 @@ def test_all_zero_budgets_are_a_recipe_error(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(tree), encoding="utf-8")
     result = runner.invoke(app, ["recipe", "show", str(path)])
     assert result.exit_code == 2 and "train.max_steps, train.max_epochs and train.max_time" in result.stderr
+
+
+def test_missing_replay_file_is_listed(tmp_path: Path) -> None:
+    for name in ("a", "b", "old.en"):
+        (tmp_path / name).write_text("x\n", encoding="utf-8")
+    tree = {"output_dir": "o", "train": {"max_steps": 1},
+            "data": {"train": {"src": "a", "tgt": "b"}, "replay": {"src": "old.en", "tgt": "old.es"}}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    with pytest.raises(RecipeError) as info:
+        check_data_files(load_recipe(path))
+    assert str(info.value) == f"{tmp_path / 'old.es'}: file not found (data.replay.tgt)"
