@@ -42,13 +42,13 @@ def _user_errors() -> Iterator[None]:
         _fail(str(exc))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except BrokenPipeError:
         _quiet_broken_pipe()
     except Exception as exc:  # TrainingInterrupted is imported lazily; match it by its exit_code
         if hasattr(exc, "exit_code") and type(exc).__name__ == "TrainingInterrupted":
             sys.stderr.write(f"{exc}\n")
-            raise typer.Exit(exc.exit_code)  # type: ignore[attr-defined]
+            raise typer.Exit(exc.exit_code) from None  # type: ignore[attr-defined]
         raise
 
 
