@@ -157,6 +157,8 @@ def decode(
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast) or int8 (quantised linear layers, CPU)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once, one thread each "
                                                               "(0 = one per CPU thread, at most 4)")] = None,
+    backend: Annotated[str, typer.Option(help="torch (checkpoints) or ctranslate2 (one directory written by "
+                                              "`translate export`)")] = "torch",
 ) -> None:
     """Translate a file, or stdin line by line, with a trained checkpoint.
 
@@ -173,8 +175,57 @@ def decode(
         overrides = dict(beam=beam, alpha=alpha, beta=beta, length_penalty=length_penalty, n_best=n_best,
                          sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
                          max_len_a=max_len_a, max_len_b=max_len_b)
+        # --- export hook (issue 19): the CTranslate2 backend has its own workflow in ct2_backend.py ---
+        if backend != "torch":
+            _decode_ct2(backend, checkpoints, input, output, overrides, batch_tokens, stream, device, threads,
+                        encoding_errors, precision, workers)
+            return
+        # --- end of export hook ---
         run_decode(checkpoints, input, output, overrides, batch_tokens, stream, device, threads, encoding_errors,
                    precision, workers)
+
+
+def _decode_ct2(backend: str, dirs: List[Path], input: str, output: str, overrides: dict,
+                batch_tokens: Optional[int], stream: bool, device: str, threads: int, encoding_errors: str,
+                precision: Optional[str], workers: Optional[int]) -> None:
+    """`decode --backend ctranslate2 DIR` (issue 19): checks the options that do not apply, then runs."""
+    if backend != "ctranslate2":
+        _fail(f"--backend must be torch or ctranslate2, not {backend!r}")
+    if len(dirs) != 1:
+        _fail("--backend ctranslate2 takes one export directory (no ensembles)")
+    if workers is not None:
+        _fail("--workers does not apply to --backend ctranslate2 (use --threads)")
+    from .ct2_backend import run_decode_ct2
+    run_decode_ct2(dirs[0], input, output, overrides, batch_tokens, stream, device, threads, encoding_errors,
+                   precision)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint file to export")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="model directory to write")],
+    format: Annotated[str, typer.Option("--format", help="export format (ctranslate2)")] = "ctranslate2",
+    quantization: Annotated[str, typer.Option(help="float32, int8, int8_float32 or bfloat16 (weights on disk)")
+                            ] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty output directory")] = False,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="decode a sample with both decoders and "
+                                        "refuse the export if greedy float32 output differs on >1% of lines")] = True,
+    check_lines: Annotated[int, typer.Option(min=1, help="lines of the dev set (or built-in sample) checked")] = 200,
+) -> None:
+    """Export a checkpoint to a self-contained CTranslate2 model directory (with a parity check).
+
+    The directory holds the CTranslate2 model, the sentencepiece model(s) and the decode defaults;
+    decode with it through `translate decode --backend ctranslate2 DIR`. Needs pip install -e ".[export]".
+
+    Example: translate export runs/bible-en-es/checkpoints/best.pt -o runs/bible-en-es/ct2 --quantization int8
+    """
+    _setup_logging()
+    with _user_errors():
+        if format != "ctranslate2":
+            _fail(f"--format must be ctranslate2, not {format!r}")
+        from .export import export_ctranslate2
+        report = export_ctranslate2(checkpoint, output, quantization, force, check, check_lines)
+        typer.echo(json.dumps(report))
 
 
 @app.command()
