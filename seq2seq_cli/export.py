@@ -300,9 +300,10 @@ def export_ctranslate2(ckpt_path: Path, out_dir: Path, quantization: str = "floa
             if quantization != "float32" or not check:
                 _save(build_spec(model, tok), tmp, quantization)
             tok.save(tmp)
-            if check and quantization != "float32":
-                report["parity"][quantization] = parity(ckpt_path, tmp, lines, refs, decode, "default")
             _write_info(tmp, ckpt, model, decode, quantization, report.get("parity"))
+            if check and quantization != "float32":  # reported, no bar (see the module docstring)
+                report["parity"][quantization] = parity(ckpt_path, tmp, lines, refs, decode, "default")
+                _write_info(tmp, ckpt, model, decode, quantization, report["parity"])
         _replace_dir(tmp, out_dir)
         return report
     finally:

@@ -35,6 +35,9 @@ ALLOWED: dict[str, set[str]] = {
     # distributed (pick_device) is imported lazily, inside run_decode
     "translate": {"checkpoint", "data", "search", "tokenizer", "textio"},
     "tune": {"checkpoint", "data", "score", "translate"},
+    # CTranslate2 export (issue 19): ctranslate2 itself is imported lazily, only where used
+    "ct2_backend": {"data", "recipe", "tokenizer", "textio"},
+    "export": {"checkpoint", "ct2_backend", "data", "model", "recipe", "score", "tokenizer", "translate"},
 }
 # Modules allowed to import anything except the listed ones (module level and lazily).
 ANYTHING_EXCEPT: dict[str, set[str]] = {
