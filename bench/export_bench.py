@@ -109,7 +109,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
     src = [x.rstrip("\n") for x in args.src.read_text(encoding="utf-8").splitlines()][: args.lines]
     if args.child:
-        print(json.dumps(child(args.child, str(args.checkpoint), args.export_dir, src, args.threads, args.beam)))
+        result = child(args.child, str(args.checkpoint), args.export_dir, src, args.threads, args.beam)
+        print(json.dumps(result))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="export-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for kind in configs:
-            cmd = [sys.executable, __file__, str(args.checkpoint), "--src", str(args.src), "--lines", str(args.lines),
+            cmd = [sys.executable, __file__, str(args.checkpoint), "--src", str(args.src),
+                   "--lines", str(args.lines),
                    "--threads", str(args.threads), "--beam", str(args.beam), "--child", kind,
                    "--export-dir", str(exports.get(kind, ""))]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -140,7 +142,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if kind in exports:
             row["model_bin_mib"] = round(_dir_mib(exports[kind]), 1)
         table.append(row)
-    report = {**cpu_info(), "threads": args.threads, "beam": args.beam, "lines": len(src), "rounds": args.rounds,
+    report = {**cpu_info(), "threads": args.threads, "beam": args.beam, "lines": len(src),
+              "rounds": args.rounds,
               "results": table}
     if args.json:
         print(json.dumps(report, indent=1))

@@ -39,7 +39,8 @@ from .data import DataError, clean_line
 from .recipe import UserError
 from .tokenizer import Tokenizer, TokenizerError
 
-__all__ = ["EXPORT_INFO", "BackendError", "CT2Translator", "is_export", "import_ctranslate2", "run_decode_ct2",
+__all__ = ["EXPORT_INFO", "BackendError", "CT2Translator", "is_export", "import_ctranslate2",
+           "run_decode_ct2",
            "PRECISION_TO_COMPUTE"]
 
 EXPORT_INFO = "translate_export.json"
@@ -73,8 +74,8 @@ def read_export_info(directory: Path) -> dict[str, Any]:
     """The export's JSON (format, max_positions, decode defaults, parity), checked."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise BackendError(f"{directory}: not a directory; --backend ctranslate2 needs a directory written by "
-                           "`translate export --format ctranslate2`")
+        raise BackendError(f"{directory}: not a directory; --backend ctranslate2 needs a directory "
+                           "written by `translate export --format ctranslate2`")
     if not is_export(directory):
         raise BackendError(f"{directory}: not a CTranslate2 export (no {EXPORT_INFO} and model.bin); "
                            "write one with `translate export CKPT -o DIR`")
@@ -108,7 +109,8 @@ class CT2Translator:
             self.translator = ct2.Translator(str(self.directory), device=device, compute_type=compute_type,
                                              intra_threads=threads)
         except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"{self.directory}: CTranslate2 cannot load it ({str(exc).splitlines()[0]})") from None
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BackendError(f"{self.directory}: CTranslate2 cannot load it ({first})") from None
         self.max_positions = int(self.info["max_positions"])
         self.decode_defaults: dict[str, Any] = dict(self.info.get("decode") or {})
         self.target_tokens = 0
@@ -131,7 +133,8 @@ class CT2Translator:
         for i, text in enumerate(cleaned):
             if text:
                 pieces = self._src_pieces(text)
-                groups[max_decode_len(len(pieces), max_len_a, max_len_b, self.max_positions)].append((i, pieces))
+                max_len = max_decode_len(len(pieces), max_len_a, max_len_b, self.max_positions)
+                groups[max_len].append((i, pieces))
         unk = self.tokenizer.unk_id
         for max_len, items in sorted(groups.items()):
             if max_len <= 0:  # search.py forces EOS at once: an empty translation
@@ -140,7 +143,8 @@ class CT2Translator:
                 continue
             options = dict(beam_size=beam, num_hypotheses=n_best, length_penalty=alpha, patience=1.0,
                            max_decoding_length=max_len, min_decoding_length=min_len, return_end_token=True,
-                           return_scores=True, max_input_length=0, max_batch_size=max(1, batch_tokens // beam),
+                           return_scores=True, max_input_length=0,
+                           max_batch_size=max(1, batch_tokens // beam),
                            batch_type="tokens")
             results = self.translator.translate_batch([p for _, p in items], **options)
             redo = [j for j, res in enumerate(results) if any(BANNED & set(h) for h in res.hypotheses)]
@@ -173,14 +177,17 @@ class CT2Translator:
         if o.get("sample"):
             raise BackendError(f"{self.directory}: --sample is not supported with --backend ctranslate2")
         if float(o.get("beta", 0.0)) > 0:
-            raise BackendError(f"{self.directory}: the coverage penalty (beta={o['beta']}) has no exact CTranslate2 "
-                               "equivalent; use --beta 0 or --backend torch")
+            raise BackendError(f"{self.directory}: the coverage penalty (beta={o['beta']}) has no exact "
+                               "CTranslate2 equivalent; use --beta 0 or --backend torch")
         beam, n_best = int(o.get("beam", 5)), int(o.get("n_best", 1))
         if n_best > beam:
             raise DataError(f"--n-best ({n_best}) must not exceed --beam ({beam})")
         alpha = float(o.get("alpha", 0.6))
         if o.get("length_penalty", "gnmt") == "gnmt" and alpha != 0 and beam > 1:
             log.warning(gnmt_warning(alpha))
+        if not o.get("stop_early", True):
+            log.warning("CTranslate2 ends a sentence at `beam` finished hypotheses (stop_early: true); "
+                        "stop_early: false is not available")
         if o.get("no_repeat_ngram", 0):
             raise BackendError(f"{self.directory}: no_repeat_ngram is not mapped for --backend ctranslate2")
         return {"beam": beam, "n_best": n_best, "alpha": alpha, "max_len_a": float(o.get("max_len_a", 1.5)),
@@ -239,7 +246,8 @@ def run_decode_ct2(directory: Path, input: str, output: str, overrides: dict[str
 
 
 def format_rows(hyps: list[tuple[str, float]], index: int, n_best: int) -> list[str]:
-    """1-best: the text (empty for an empty line); n-best: 'index<TAB>score<TAB>text' rows (as translate.py)."""
+    """1-best: the text (empty for an empty line); n-best: 'index<TAB>score<TAB>text' rows, as
+    translate.format_hypotheses writes them."""
     if n_best <= 1:
         return [hyps[0][0] if hyps else ""]
     if not hyps:

@@ -190,7 +190,8 @@ def check_sample(recipe: Any, max_lines: int) -> tuple[list[str], Optional[list[
     """(source lines, references or None, where from): the recipe's dev set if its files exist,
     else the built-in SAMPLE_SENTENCES."""
     dev = getattr(recipe.data, "dev", None)
-    if dev is not None and dev.src is not None and dev.tgt is not None and dev.src.is_file() and dev.tgt.is_file():
+    if dev is not None and dev.src is not None and dev.tgt is not None and dev.src.is_file() \
+            and dev.tgt.is_file():
         src, ref = read_lines(dev.src), read_lines(dev.tgt)
         pairs = [(s, r) for s, r in zip(src, ref) if s][:max_lines]
         if pairs:
@@ -236,6 +237,24 @@ def parity(ckpt_path: Path, model_dir: Path, lines: Sequence[str], refs: Optiona
     return out
 
 
+def decode_notes(decode: dict[str, Any]) -> list[str]:
+    """What of the checkpoint's decode defaults CTranslate2 cannot run exactly (warned at export;
+    `decode --backend ctranslate2` warns about GNMT again and refuses beta > 0)."""
+    notes = []
+    if decode.get("length_penalty", "gnmt") == "gnmt" and float(decode.get("alpha", 0)) != 0:
+        notes.append(f"decode defaults use the GNMT length penalty (alpha={decode['alpha']}): CTranslate2 "
+                     "has only the power form |Y|^alpha, which `decode --backend ctranslate2` uses with the "
+                     "same alpha (greedy output is unaffected; beam results may differ; the parity check "
+                     "uses power on both sides)")
+    if float(decode.get("beta", 0)) > 0:
+        notes.append(f"decode defaults use a coverage penalty (beta={decode['beta']}): `decode --backend "
+                     "ctranslate2` refuses it; pass --beta 0 there")
+    if not decode.get("stop_early", True):
+        notes.append("decode defaults use stop_early: false; CTranslate2 always stops at `beam` finished "
+                     "hypotheses (stop_early: true)")
+    return notes
+
+
 def _prepare_target(out_dir: Path, force: bool) -> Path:
     """Check the destination and return a fresh temporary sibling directory to write into."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -277,10 +296,14 @@ def export_ctranslate2(ckpt_path: Path, out_dir: Path, quantization: str = "floa
     ckpt = load_checkpoint(ckpt_path, mmap=True)
     model, tok = load_model(ckpt, "cpu")
     decode = dict(ckpt.state.get("decode") or ckpt.recipe.decode.model_dump())
+    notes = decode_notes(decode)
+    for note in notes:
+        log.warning(note)
     tmp = _prepare_target(out_dir, force)
     check_dir = None
     try:
-        report: dict[str, Any] = {"output": str(out_dir), "checkpoint": str(ckpt_path), "quantization": quantization}
+        report: dict[str, Any] = {"output": str(out_dir), "checkpoint": str(ckpt_path),
+                                  "quantization": quantization, "notes": notes}
         with torch.no_grad():
             if check:
                 check_dir = tmp if quantization == "float32" else Path(tempfile.mkdtemp(

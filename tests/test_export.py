@@ -83,7 +83,8 @@ def _random_checkpoint(e2e, directory: Path, **model: object) -> Path:
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.3)
     path = directory / "random.pt"
-    save_checkpoint(path, {"recipe": recipe.model_dump(mode="json"), "decode": recipe.decode.model_dump(mode="json"),
+    save_checkpoint(path, {"recipe": recipe.model_dump(mode="json"),
+                           "decode": recipe.decode.model_dump(mode="json"),
                            "model": net.state_dict(), "tokenizer": tok_state, "step": 0})
     return path
 
@@ -178,7 +179,8 @@ def test_quantized_export_is_checked_as_float32(e2e, tmp_path) -> None:
 
 
 def test_export_errors_are_one_line(e2e, tmp_path, monkeypatch) -> None:
-    _one_error_line(_invoke("export", tmp_path / "missing.pt", "-o", tmp_path / "x"), "missing.pt", "not found")
+    _one_error_line(_invoke("export", tmp_path / "missing.pt", "-o", tmp_path / "x"),
+                    "missing.pt", "not found")
     _one_error_line(_invoke("export", e2e.best, "-o", tmp_path / "x", "--quantization", "int4"), "int4")
     _one_error_line(_invoke("export", e2e.best, "-o", tmp_path / "x", "--format", "onnx"), "onnx")
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if not installed
@@ -239,7 +241,8 @@ def test_backend_errors_are_one_line(e2e, exported, tmp_path, monkeypatch) -> No
                     str(e2e.run_dir), "not a CTranslate2 export")
     _one_error_line(_invoke("decode", "--backend", "ctranslate2", e2e.best, "-i", path), str(e2e.best))
     _one_error_line(_invoke("decode", "--backend", "onnx", exported[0], "-i", path), "onnx")
-    _one_error_line(_invoke("decode", "--backend", "ctranslate2", exported[0], exported[0], "-i", path), "one")
+    _one_error_line(_invoke("decode", "--backend", "ctranslate2", exported[0], exported[0], "-i", path),
+                    "one export directory")
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
     _one_error_line(_invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path), "pip install")
 
@@ -247,8 +250,8 @@ def test_backend_errors_are_one_line(e2e, exported, tmp_path, monkeypatch) -> No
 def test_backend_streams_stdin(e2e, exported, tmp_path) -> None:
     """A line written to stdin is answered before the next one is sent (as the torch backend does)."""
     cmd = e2e.cli() + ["decode", "--backend", "ctranslate2", str(exported[0]), "--beam", "1"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=e2e.env())
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=e2e.env())
     try:
         answers = []
         for line in ("one two three", "", "red house"):
