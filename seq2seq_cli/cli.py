@@ -215,7 +215,7 @@ def export(
     """Export a checkpoint to a self-contained CTranslate2 model directory (with a parity check).
 
     The directory holds the CTranslate2 model, the sentencepiece model(s) and the decode defaults;
-    decode with it through `translate decode --backend ctranslate2 DIR`. Needs pip install -e ".[export]".
+    decode with it through `translate decode --backend ctranslate2 DIR`. Needs ctranslate2 (the "export" extra).
 
     Example: translate export runs/bible-en-es/checkpoints/best.pt -o runs/bible-en-es/ct2 --quantization int8
     """
