@@ -141,11 +141,11 @@ class CT2Translator:
                 for i, _ in items:
                     out[i] = [([], 0.0)]
                 continue
+            # min(min_len, max_len): search.py lets max_len win a conflict, CTranslate2 would refuse it
             options = dict(beam_size=beam, num_hypotheses=n_best, length_penalty=alpha, patience=1.0,
-                           max_decoding_length=max_len, min_decoding_length=min_len, return_end_token=True,
-                           return_scores=True, max_input_length=0,
-                           max_batch_size=max(1, batch_tokens // beam),
-                           batch_type="tokens")
+                           max_decoding_length=max_len, min_decoding_length=min(min_len, max_len),
+                           return_end_token=True, return_scores=True, max_input_length=0,
+                           max_batch_size=max(1, batch_tokens // beam), batch_type="tokens")
             results = self.translator.translate_batch([p for _, p in items], **options)
             redo = [j for j, res in enumerate(results) if any(BANNED & set(h) for h in res.hypotheses)]
             if redo:
