@@ -155,7 +155,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(json.dumps(report, indent=1))
         return
     print(f"CPU: {report['cpu']} ({report['cores']} cores), ISA: {' '.join(report['isa'])}, "
-          f"bf16 native: {report['bf16_native']}; {args.threads} threads, beam {args.beam}, {len(src)} lines; "
+          f"bf16 native: {report['bf16_native']}; {args.threads} threads, beam {args.beam}, "
+          f"{len(src)} lines; "
           f"load average {report['load_average_1min'][0]} -> {report['load_average_1min'][1]}, "
           f"OMP_WAIT_POLICY={args.omp_wait_policy or '(unset)'}")
     print("| decoder | target tokens/s (each round) | peak RSS MiB | BLEU | model.bin MiB |")
