@@ -193,11 +193,9 @@ def _decode_ct2(backend: str, dirs: List[Path], input: str, output: str, overrid
         _fail(f"--backend must be torch or ctranslate2, not {backend!r}")
     if len(dirs) != 1:
         _fail("--backend ctranslate2 takes one export directory (no ensembles)")
-    if workers is not None:
-        _fail("--workers does not apply to --backend ctranslate2 (use --threads)")
     from .ct2_backend import run_decode_ct2
     run_decode_ct2(dirs[0], input, output, overrides, batch_tokens, stream, device, threads, encoding_errors,
-                   precision)
+                   precision, workers)
 
 
 @app.command()

@@ -17,7 +17,10 @@ Search settings are mapped so that CTranslate2 runs the same search as `search.p
     CTranslate2's suppress_sequences would renormalise without them and shift every score, so the
     export decodes without it and redoes only a sentence whose output contains one, suppressed;
   * beam search ends a sentence once `beam` hypotheses are finished (patience 1), fairseq's rule,
-    which is ours with `stop_early: true`.
+    which is ours with `stop_early: true`;
+  * the groups are submitted asynchronously to `workers` CTranslate2 translators (inter_threads) of
+    threads // workers threads each, as translate.py searches batches in parallel: with many small
+    groups this measured 1.3-2x faster than one translator with all the threads.
 What does not map exactly: the GNMT length penalty ((5+|Y|)/6)^alpha (CTranslate2 has only the
 power form: the power form with the same alpha is used, with a warning; greedy output does not
 depend on it), the coverage penalty (refused: CTranslate2 skips never-attended source tokens instead
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -97,7 +101,9 @@ class CT2Translator:
     """A CTranslate2 export + its tokenizer, translating raw lines like `translate.Translator`."""
 
     def __init__(self, directory: Path | str, device: str = "cpu", threads: int = 0,
-                 compute_type: str = "default") -> None:
+                 compute_type: str = "default", workers: int = 0) -> None:
+        """threads: CPU threads in all (0 = all cores); workers: batches translated at once, each with
+        threads // workers threads (0 = one per thread, at most 4, as translate.Translator does)."""
         self.directory = Path(directory)
         self.info = read_export_info(self.directory)
         ct2 = import_ctranslate2()
@@ -105,9 +111,12 @@ class CT2Translator:
             self.tokenizer = Tokenizer.load(self.directory)
         except TokenizerError as exc:
             raise BackendError(str(exc)) from None
+        threads = threads or os.cpu_count() or 1
+        self.workers = workers or max(1, min(4, threads))
         try:
             self.translator = ct2.Translator(str(self.directory), device=device, compute_type=compute_type,
-                                             intra_threads=threads)
+                                             inter_threads=self.workers,
+                                             intra_threads=max(1, threads // self.workers))
         except (RuntimeError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise BackendError(f"{self.directory}: CTranslate2 cannot load it ({first})") from None
@@ -136,6 +145,7 @@ class CT2Translator:
                 max_len = max_decode_len(len(pieces), max_len_a, max_len_b, self.max_positions)
                 groups[max_len].append((i, pieces))
         unk = self.tokenizer.unk_id
+        pending = []  # every group is submitted first, so that `workers` batches run at once
         for max_len, items in sorted(groups.items()):
             if max_len <= 0:  # search.py forces EOS at once: an empty translation
                 for i, _ in items:
@@ -146,7 +156,10 @@ class CT2Translator:
                            max_decoding_length=max_len, min_decoding_length=min(min_len, max_len),
                            return_end_token=True, return_scores=True, max_input_length=0,
                            max_batch_size=max(1, batch_tokens // beam), batch_type="tokens")
-            results = self.translator.translate_batch([p for _, p in items], **options)
+            futures = self.translator.translate_batch([p for _, p in items], asynchronous=True, **options)
+            pending.append((items, options, futures))
+        for items, options, futures in pending:
+            results = [f.result() for f in futures]
             redo = [j for j, res in enumerate(results) if any(BANNED & set(h) for h in res.hypotheses)]
             if redo:
                 again = self.translator.translate_batch([items[j][1] for j in redo], **options,
@@ -202,7 +215,7 @@ def gnmt_warning(alpha: float) -> str:
 
 def run_decode_ct2(directory: Path, input: str, output: str, overrides: dict[str, Any],
                    batch_tokens: Optional[int], stream: bool, device: str, threads: int, encoding_errors: str,
-                   precision: Optional[str] = None) -> int:
+                   precision: Optional[str] = None, workers: Optional[int] = None) -> int:
     """`translate decode --backend ctranslate2 DIR`: read lines, translate in order, write atomically.
 
     Same contract as translate.run_decode: one output line per input line (n-best: TSV rows
@@ -221,7 +234,9 @@ def run_decode_ct2(directory: Path, input: str, output: str, overrides: dict[str
         raise DataError(f"--precision must be one of {', '.join(PRECISION_TO_COMPUTE)}, not {precision!r}")
     compute = PRECISION_TO_COMPUTE[precision] if precision else "default"
     ct2_device = "cpu" if device in ("auto", "cpu") else device.split(":")[0]
-    translator = CT2Translator(directory, ct2_device, threads, compute)
+    if workers is not None and workers < 0:
+        raise DataError(f"workers must be 0 (auto) or more, not {workers}")
+    translator = CT2Translator(directory, ct2_device, threads, compute, workers or 0)
     opts = translator.options(overrides)
     budget = batch_tokens or int(translator.decode_defaults.get("batch_tokens", 4096))
     counts: dict = {}
