@@ -273,7 +273,8 @@ def test_backend_output_does_not_depend_on_batching(e2e, exported, tmp_path) -> 
     base = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3")
     small = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3",
                     "--batch-tokens", "20", "--workers", "3", "--threads", "3")
-    one = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3", "--workers", "1")
+    one = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3",
+                  "--workers", "1")
     assert base.exit_code == small.exit_code == one.exit_code == 0, small.output
     assert base.stdout == small.stdout == one.stdout and len(base.stdout.splitlines()) == 21
     assert len(set(base.stdout.splitlines())) > 10  # the lines really differ, so an order change would show
