@@ -210,7 +210,7 @@ def parity(ckpt_path: Path, model_dir: Path, lines: Sequence[str], refs: Optiona
     references (or None), and BLEU of the export against this project's output."""
     from .translate import Translator
 
-    ours = Translator([ckpt_path], "cpu", 0, "fp32", 1)
+    ours = Translator([ckpt_path], "cpu", 0, "fp32")  # workers: the checkpoint's (auto); same output
     theirs = CT2Translator(model_dir, "cpu", 0, compute_type)
     alpha = float(decode.get("alpha", 0.6))
     common = dict(max_len_a=float(decode.get("max_len_a", 1.5)), max_len_b=int(decode.get("max_len_b", 10)),
