@@ -168,6 +168,7 @@ def decode(
     Examples:
       translate decode runs/tiny/checkpoints/best.pt -i test.en -o test.hyp --beam 5
       echo "In the beginning" | translate decode runs/tiny/checkpoints/best.pt
+      translate decode --backend ctranslate2 runs/tiny/ct2 -i test.en   # a `translate export` directory
     """
     _setup_logging()
     with _user_errors():
