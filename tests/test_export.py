@@ -71,10 +71,13 @@ def test_export_passes_parity_check_and_is_self_contained(e2e, exported) -> None
     assert info["parity"]["float32"]["greedy"]["exact"] == 1.0
 
 
-def _random_checkpoint(e2e, directory: Path, **model: object) -> Path:
-    """A checkpoint of a randomly initialised model of the e2e recipe with model.* overrides."""
+def _random_checkpoint(e2e, directory: Path, joint: bool = True, **model: object) -> Path:
+    """A checkpoint of a randomly initialised model of the e2e recipe with model.* overrides
+    (joint=False: the tokenizer as two separate models, src.model and tgt.model)."""
     recipe = e2e.load(directory, **{f"model__{k}": v for k, v in model.items()})
-    tok_state = load_checkpoint(e2e.best).state["tokenizer"]
+    tok_state = dict(load_checkpoint(e2e.best).state["tokenizer"])
+    if not joint:
+        tok_state["tgt"] = tok_state["src"]
     _, tok = load_model(load_checkpoint(e2e.best))
     torch.manual_seed(0)
     net = build_model(recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, 0, 2, 3)
@@ -92,7 +95,7 @@ def _random_checkpoint(e2e, directory: Path, **model: object) -> Path:
 @pytest.mark.parametrize("variant", [
     {},
     {"norm": "pre", "activation": "gelu", "positions": "learned"},
-    {"tie_output": False, "share_embeddings": False, "n_encoder_layers": 1, "n_heads": 2},
+    {"tie_output": False, "share_embeddings": False, "n_encoder_layers": 1, "n_heads": 2, "joint": False},
 ])
 def test_layout_gives_the_models_log_probs(e2e, tmp_path, variant) -> None:
     """CTranslate2's score_batch on the export = the model's teacher-forced log-probs (every option
@@ -102,6 +105,8 @@ def test_layout_gives_the_models_log_probs(e2e, tmp_path, variant) -> None:
     export_ctranslate2(ckpt, out, check=False)
     model, tok = load_model(load_checkpoint(ckpt))
     ct2 = CT2Translator(out)
+    layout = {"spm.model"} if tok.joint else {"src.model", "tgt.model"}
+    assert layout <= {p.name for p in out.iterdir()} and ct2.tokenizer.joint == tok.joint
     lines = ["one two three", "red house water fire big small", "king"]
     targets = [[5, 9, 11], [7, 7, 20, 31, 12, 6, 8], [40]]
     scored = ct2.translator.score_batch([ct2._src_pieces(x) for x in lines],
