@@ -283,3 +283,26 @@ def test_backend_output_does_not_depend_on_batching(e2e, exported, tmp_path) -> 
     assert base.exit_code == small.exit_code == one.exit_code == 0, small.output
     assert base.stdout == small.stdout == one.stdout and len(base.stdout.splitlines()) == 21
     assert len(set(base.stdout.splitlines())) > 10  # the lines really differ, so an order change would show
+
+
+def test_backend_redoes_a_sentence_that_produced_pad_or_bos(exported) -> None:
+    """Without suppression (scores stay exact) CTranslate2 could emit <pad> or <s>, which search.py
+    never does: such a sentence is decoded again with both suppressed, the others are kept."""
+    from types import SimpleNamespace
+
+    ct2 = CT2Translator(exported[0])
+    piece = ct2.tokenizer.id_to_piece(10, "tgt")
+    calls = []
+
+    def translate_batch(source, asynchronous=False, suppress_sequences=None, **options):
+        calls.append((len(source), suppress_sequences, options["max_decoding_length"]))
+        bad = suppress_sequences is None and any(p == "▁one" for p in source[0])
+        tokens = [piece, "<pad>", "</s>"] if bad else [piece, "</s>"]
+        results = [SimpleNamespace(hypotheses=[tokens], scores=[-1.5]) for _ in source]
+        return [SimpleNamespace(result=lambda r=r: r) for r in results] if asynchronous else results
+
+    ct2.translator = SimpleNamespace(translate_batch=translate_batch)
+    out = ct2.translate_pieces(["one two three", "red house"], beam=2)
+    assert out == [[([10], -1.5)], [([10], -1.5)]]
+    redo = [c for c in calls if c[1] is not None]
+    assert redo == [(1, [["<pad>"], ["<s>"]], redo[0][2])] and len(calls) == 3
