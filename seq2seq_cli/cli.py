@@ -42,13 +42,13 @@ def _user_errors() -> Iterator[None]:
         _fail(str(exc))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except BrokenPipeError:
         _quiet_broken_pipe()
     except Exception as exc:  # TrainingInterrupted is imported lazily; match it by its exit_code
         if hasattr(exc, "exit_code") and type(exc).__name__ == "TrainingInterrupted":
             sys.stderr.write(f"{exc}\n")
-            raise typer.Exit(exc.exit_code)  # type: ignore[attr-defined]
+            raise typer.Exit(exc.exit_code) from None  # type: ignore[attr-defined]
         raise
 
 
@@ -176,6 +176,8 @@ def decode(
         "--align", help="append TAB + source-target word alignments (Pharaoh: 0-0 1-2 ...)")] = False,
     split_sentences: Annotated[bool, typer.Option(
         "--split-sentences", help="cut each line into sentences (pysbd), translate, rejoin")] = False,
+    backend: Annotated[str, typer.Option(help="torch (checkpoints) or ctranslate2 (one directory written by "
+                                              "`translate export`)")] = "torch",
 ) -> None:
     """Translate a file, or stdin line by line, with a trained checkpoint.
 
@@ -188,6 +190,7 @@ def decode(
       translate decode runs/tiny/checkpoints/best.pt -i test.en -o test.hyp --beam 5
       echo "In the beginning" | translate decode runs/tiny/checkpoints/best.pt
       translate decode best.pt -i doc.en --glossary terms.tsv --align
+      translate decode --backend ctranslate2 runs/tiny/ct2 -i test.en   # a `translate export` directory
     """
     _setup_logging()
     with _user_errors():
@@ -196,8 +199,52 @@ def decode(
                        sample=sample or None, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed,
                        max_len_a=max_len_a, max_len_b=max_len_b, batch_tokens=batch_tokens, precision=precision,
                        workers=workers, min_len=min_len, no_repeat_ngram=no_repeat_ngram, repeat_guard=repeat_guard)
-        run_decode(checkpoints, input, output, options, stream, device, threads, encoding_errors,
-                   inputs=LineInputs(constraints, glossary, prefix, align, split_sentences))
+        inputs = LineInputs(constraints, glossary, prefix, align, split_sentences)
+        if backend != "torch":  # the CTranslate2 backend has its own workflow in ct2_backend.py
+            if inputs != LineInputs():
+                _fail("--constraints, --glossary, --prefix, --align and --split-sentences need --backend torch")
+            _decode_ct2(backend, checkpoints, input, output, options, stream, device, threads, encoding_errors)
+            return
+        run_decode(checkpoints, input, output, options, stream, device, threads, encoding_errors, inputs=inputs)
+
+
+def _decode_ct2(backend: str, dirs: List[Path], input: str, output: str, options: dict, stream: bool, device: str,
+                threads: int, encoding_errors: str) -> None:
+    """`decode --backend ctranslate2 DIR` (issue 19): checks the options that do not apply, then runs."""
+    if backend != "ctranslate2":
+        _fail(f"--backend must be torch or ctranslate2, not {backend!r}")
+    if len(dirs) != 1:
+        _fail("--backend ctranslate2 takes one export directory (no ensembles)")
+    from .ct2_backend import run_decode_ct2
+    run_decode_ct2(dirs[0], input, output, options, stream, device, threads, encoding_errors)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint file to export")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="model directory to write")],
+    format: Annotated[str, typer.Option("--format", help="export format (ctranslate2)")] = "ctranslate2",
+    quantization: Annotated[str, typer.Option(help="float32, int8, int8_float32 or bfloat16 (weights on disk)")
+                            ] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty output directory")] = False,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="decode a sample with both decoders and "
+                                        "refuse the export if greedy float32 output differs on >1% of lines")] = True,
+    check_lines: Annotated[int, typer.Option(min=1, help="lines of the dev set (or built-in sample) checked")] = 200,
+) -> None:
+    """Export a checkpoint to a self-contained CTranslate2 model directory (with a parity check).
+
+    The directory holds the CTranslate2 model, the sentencepiece model(s) and the decode defaults;
+    decode with it through `translate decode --backend ctranslate2 DIR`. Needs ctranslate2 (the "export" extra).
+
+    Example: translate export runs/bible-en-es/checkpoints/best.pt -o runs/bible-en-es/ct2 --quantization int8
+    """
+    _setup_logging()
+    with _user_errors():
+        if format != "ctranslate2":
+            _fail(f"--format must be ctranslate2, not {format!r}")
+        from .export import export_ctranslate2
+        report = export_ctranslate2(checkpoint, output, quantization, force, check, check_lines)
+        typer.echo(json.dumps(report))
 
 
 @app.command()

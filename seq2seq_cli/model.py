@@ -43,8 +43,6 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
     return pe.float()
 
 
-OUTPUT_ROWS = 256
-
 
 class MultiHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d_k) + mask) V over n_heads heads, through SDPA.
@@ -353,22 +351,19 @@ class Seq2SeqTransformer(nn.Module):
             x = layer(x, attn_mask)
         return self.enc_norm(x), src_mask
 
-    def forward(self, src: Tensor, tgt_in: Tensor, keep: Optional[Tensor] = None) -> Tensor:
-        """Teacher-forced logits for training: (B, T, V), or (K, V) at positions where keep is True."""
+    def forward(self, src: Tensor, tgt_in: Tensor, keep: Optional[Tensor] = None, project: bool = True) -> Tensor:
+        """Teacher-forced logits for training: (B, T, V), or (K, V) at positions where keep is True.
+
+        project=False returns the final decoder states instead ((B, T, D) or (K, D)), for a loss
+        that applies the output layer itself (`loss.output_layer_loss`)."""
         memory, src_mask = self.encode(src)
         state = self.start_from(memory, src_mask)
         x = self._embed(self.tgt_embed, tgt_in)
         for layer, kv in zip(self.decoder, state.cross_kv):
             x = layer(x, kv, src_mask[:, None, None, :])
         x = self.dec_norm(x)
-        if keep is None:
-            return self.output(x)
-        rows = x[keep]  # (K, D)
-        k = rows.size(0)
-        padded = -(-k // OUTPUT_ROWS) * OUTPUT_ROWS
-        if padded != k:
-            rows = torch.cat([rows, rows.new_zeros(padded - k, rows.size(1))])
-        return self.output(rows)[:k]
+        x = x[keep] if keep is not None else x
+        return self.output(x) if project else x
 
     @torch.no_grad()
     def cross_attention(self, src: Tensor, tgt_in: Tensor) -> Tensor:

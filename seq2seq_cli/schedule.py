@@ -13,9 +13,9 @@ Public names: noam_lr, inverse_sqrt_lr, budget_lr, lr_at, make_scheduler.
 
 from __future__ import annotations
 
-import torch
-
 from typing import Callable, Optional
+
+import torch
 
 from .recipe import TrainConfig
 

@@ -37,8 +37,8 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .data import length_batches, pad_rows
 from .constraints import ConstraintBeams, as_constraint_beams, check_constraints, order_candidates
+from .data import length_batches, pad_rows
 from .penalties import length_penalty, rescore
 from .recipe import DecodeConfig
 

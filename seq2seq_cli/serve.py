@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Hashable, Iterator, Literal, Optional, Sequence, Union
 from urllib.parse import parse_qsl
 
-from .batcher import BatchRecord, Batcher, BatcherClosed
+from .batcher import Batcher, BatcherClosed, BatchRecord
 from .data import DataError
 from .recipe import UserError
 from .segment import Segmented, join_document, split_document

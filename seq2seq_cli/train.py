@@ -60,7 +60,7 @@ from .data import (
     read_split,
     shard_batches,
 )
-from .loss import label_smoothed_nll
+from .loss import label_smoothed_nll, output_layer_loss
 from .model import Seq2SeqTransformer, build_model
 from .precision import resolve_precision
 from .recipe import Recipe, RecipeError
@@ -72,6 +72,8 @@ from .tokenizer import Tokenizer
 __all__ = ["train", "TrainResult", "TrainingInterrupted", "finetune_recipe", "freeze"]
 
 log = logging.getLogger(__name__)
+
+ONEDNN_TRAIN_CACHE = "128"
 
 
 class TrainingInterrupted(Exception):
@@ -289,6 +291,10 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, progress: bool = True) -> None:
         self.recipe, self.cfg = recipe, recipe.train
+        # oneDNN caches a compiled kernel (and its scratch memory) per bf16 matmul shape; training's
+        # batch shapes rarely repeat, so its default of 1,024 entries mostly grows memory (bible recipe,
+        # bf16: 2,915 -> 2,492 MiB RSS after 100 updates with 128, same speed). Read at first use.
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_TRAIN_CACHE)
         self.ctx = dist.init_from_env()
         self.main = self.ctx.rank == 0
         self.device = dist.pick_device(self.cfg.device, self.ctx.local_rank)
@@ -407,8 +413,9 @@ class Trainer:
             sync = i == len(micro) - 1
             with dist.maybe_no_sync(self.ddp, sync), self._autocast():
                 keep = b.tgt_out.ne(tok.pad_id)
-                logits = self.ddp(b.src, b.tgt_in, keep)
-                loss, nll, _ = label_smoothed_nll(logits, b.tgt_out[keep], self.cfg.label_smoothing, tok.pad_id)
+                hidden = self.ddp(b.src, b.tgt_in, keep, project=False)  # (K, D): the loss applies the output layer
+                loss, nll, _ = output_layer_loss(hidden, self.model.output.weight, b.tgt_out[keep],
+                                                 self.cfg.label_smoothing)
             self.scaler.scale(loss * scale).backward()
             loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
         return loss_sum, nll_sum, local_tgt, sum(b.n_src for b in micro)

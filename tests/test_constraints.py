@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_search import (A, B, C, EOS, LOOP, SRC3, FakeModel, assert_same, opts, real_opts,  # noqa: F401
-                         tokens_of)
-from test_search import batch, transformer  # noqa: F401  (fixtures)
+from test_search import EOS, LOOP, SRC3, A, B, C, FakeModel, assert_same, batch, opts, real_opts, tokens_of, transformer  # noqa: F401  # noqa: F401  (fixtures)
 
 from seq2seq_cli.constraints import ConstraintSet
 from seq2seq_cli.search import REPEAT_GUARD_MAX_N, beam_search, greedy_search, sample, search

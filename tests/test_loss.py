@@ -113,3 +113,29 @@ def test_gradient_is_softmax_minus_q() -> None:
     expected = logits.detach().double().softmax(-1) - smoothed_q(target.clamp(min=0), 6, eps)
     expected[2] = 0.0  # pad row: no gradient at all
     assert torch.allclose(logits.grad.double(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("epsilon,chunk", [(0.1, 8), (0.0, 5), (0.2, 1000)])
+def test_output_layer_loss_equals_the_plain_path_with_its_gradients(epsilon: float, chunk: int) -> None:
+    """The chunked output-layer loss gives the loss, NLL and gradients (hidden states and output
+    weights) of label_smoothed_nll on the full logits, whatever the chunk size."""
+    from seq2seq_cli.loss import output_layer_loss
+
+    torch.manual_seed(0)
+    k, d, v = 37, 16, 50
+    hidden = torch.randn(k, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(4, v, (k,))
+    ref_loss, ref_nll, n = label_smoothed_nll(hidden @ weight.t(), target, epsilon, PAD)
+    ref_loss.mul(3.0).backward()  # a scaled loss, as the grad scaler / token normaliser do
+    ref_gh, ref_gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss, nll, m = output_layer_loss(hidden, weight, target, epsilon, chunk)
+    loss.mul(3.0).backward()
+    assert m == n == k
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert nll.item() == pytest.approx(ref_nll.item(), rel=1e-6) and not nll.requires_grad
+    # label_smoothed_nll computes its softmax in fp32 even for float64 logits: compare at fp32 accuracy
+    torch.testing.assert_close(hidden.grad, ref_gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, ref_gw, rtol=1e-4, atol=1e-5)
+    assert ref_gh.abs().max() > 0.1  # the gradients compared are not vacuous

@@ -498,7 +498,7 @@ def test_learns_to_reverse_digit_strings() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min((k + 1) / warmup, max(0.05, 1 - k / steps)))
     model.train()
     first = last = None
-    for step in range(steps):
+    for _ in range(steps):
         src, tgt_in, tgt_out, _ = reverse_batch(64, g)
         keep = tgt_out.ne(PAD)
         loss, nll, n = label_smoothed_nll(model(src, tgt_in, keep), tgt_out[keep], 0.0, PAD)
