@@ -44,15 +44,16 @@ def capitalised_words(lines: list[str], min_count: int) -> tuple[set[str], list[
         s = {w.lower() for w in words}
         per_line.append(s)
         doc_freq.update(s)
-    cands = {w for w, n in seen_inside.items()
-             if n >= 5 and cap[w] >= 0.9 * n and doc_freq[w] >= min_count and len(w) > 1}
-    forms = {w: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-             for w, c in surface.items() if w in cands}
+    cands = {
+        w for w, n in seen_inside.items() if n >= 5 and cap[w] >= 0.9 * n and doc_freq[w] >= min_count and len(w) > 1
+    }
+    forms = {w: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for w, c in surface.items() if w in cands}
     return cands, per_line, forms
 
 
-def build(src_lines: list[str], tgt_lines: list[str], size: int, min_count: int, min_dice: float
-          ) -> list[tuple[str, str, float, int]]:
+def build(
+    src_lines: list[str], tgt_lines: list[str], size: int, min_count: int, min_dice: float
+) -> list[tuple[str, str, float, int]]:
     """[(source term, target term, Dice, source line count)], most frequent source term first."""
     src_c, src_sets, src_forms = capitalised_words(src_lines, min_count)
     tgt_c, tgt_sets, tgt_forms = capitalised_words(tgt_lines, min_count)

@@ -40,10 +40,17 @@ def cpu_info() -> dict[str, Any]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
-                       "amx_tile") if f in flags]
-    return {"cpu": model, "cores": os.cpu_count(), "isa": isa,
-            "bf16_native": "avx512_bf16" in flags or "amx_bf16" in flags}
+    isa = [
+        f
+        for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+        if f in flags
+    ]
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "isa": isa,
+        "bf16_native": "avx512_bf16" in flags or "amx_bf16" in flags,
+    }
 
 
 def _peak_rss_mib() -> float:
@@ -56,6 +63,7 @@ def child(kind: str, ckpt: str, export_dir: str, src: list[str], threads: int, b
         import torch
 
         from seq2seq_cli.translate import Translator
+
         torch.set_num_threads(threads)
         tr = Translator([Path(ckpt)], "cpu", threads, {"precision": kind.split("-")[1]})
         opts = tr.options(beam=beam, n_best=1, length_penalty="power", beta=0.0)
@@ -68,6 +76,7 @@ def child(kind: str, ckpt: str, export_dir: str, src: list[str], threads: int, b
         tokens, extra = tr.stats.target_tokens, {"workers": tr.workers}
     else:
         from seq2seq_cli.ct2_backend import CT2Translator
+
         ct = CT2Translator(export_dir, "cpu", threads, "default")
         o = ct.options({"beam": beam, "n_best": 1, "length_penalty": "power", "beta": 0.0})
         budget = int(ct.decode_defaults.get("batch_tokens", 4096))
@@ -78,18 +87,40 @@ def child(kind: str, ckpt: str, export_dir: str, src: list[str], threads: int, b
         seconds = time.perf_counter() - t0
         out = [h[0][0] if h else "" for h in res]
         tokens, extra = ct.target_tokens, {"compute_type": ct.translator.compute_type}
-    return {"kind": kind, "seconds": seconds, "tgt_tokens": tokens, "tgt_tokens_per_s": tokens / seconds,
-            "peak_rss_mib": _peak_rss_mib(), "hyps": out, **extra}
+    return {
+        "kind": kind,
+        "seconds": seconds,
+        "tgt_tokens": tokens,
+        "tgt_tokens_per_s": tokens / seconds,
+        "peak_rss_mib": _peak_rss_mib(),
+        "hyps": out,
+        **extra,
+    }
 
 
 def _export(ckpt: Path, out: Path, quantization: str) -> None:
     if not (out / "model.bin").is_file():
-        subprocess.run([sys.executable, "-m", "seq2seq_cli", "export", str(ckpt), "-o", str(out), "--force",
-                        "--no-check", "--quantization", quantization], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "seq2seq_cli",
+                "export",
+                str(ckpt),
+                "-o",
+                str(out),
+                "--force",
+                "--no-check",
+                "--quantization",
+                quantization,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
 
 def _dir_mib(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.iterdir() if p.name == "model.bin") / 2 ** 20
+    return sum(p.stat().st_size for p in path.iterdir() if p.name == "model.bin") / 2**20
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -103,8 +134,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--work", type=Path, help="where the exports go (default: a temporary directory)")
-    ap.add_argument("--omp-wait-policy", default="", help="OMP_WAIT_POLICY for every child (e.g. PASSIVE: "
-                    "on an oversubscribed CPU, spinning OpenMP threads slowed CTranslate2 float32 ~15x)")
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="",
+        help="OMP_WAIT_POLICY for every child (e.g. PASSIVE: "
+        "on an oversubscribed CPU, spinning OpenMP threads slowed CTranslate2 float32 ~15x)",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--export-dir", help=argparse.SUPPRESS)
@@ -127,10 +162,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for kind in configs:
-            cmd = [sys.executable, __file__, str(args.checkpoint), "--src", str(args.src),
-                   "--lines", str(args.lines),
-                   "--threads", str(args.threads), "--beam", str(args.beam), "--child", kind,
-                   "--export-dir", str(exports.get(kind, ""))]
+            cmd = [
+                sys.executable,
+                __file__,
+                str(args.checkpoint),
+                "--src",
+                str(args.src),
+                "--lines",
+                str(args.lines),
+                "--threads",
+                str(args.threads),
+                "--beam",
+                str(args.beam),
+                "--child",
+                kind,
+                "--export-dir",
+                str(exports.get(kind, "")),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 raise SystemExit(f"{kind} failed:\n{res.stderr[-3000:]}")
@@ -139,32 +187,47 @@ def main(argv: Optional[list[str]] = None) -> None:
     refs = args.ref.read_text(encoding="utf-8").splitlines()[: args.lines] if args.ref else None
     table = []
     for kind, rs in runs.items():
-        row = {"config": kind, "tgt_tokens_per_s": [round(x["tgt_tokens_per_s"]) for x in rs],
-               "tgt_tokens": rs[0]["tgt_tokens"], "peak_rss_mib": round(max(x["peak_rss_mib"] for x in rs))}
+        row = {
+            "config": kind,
+            "tgt_tokens_per_s": [round(x["tgt_tokens_per_s"]) for x in rs],
+            "tgt_tokens": rs[0]["tgt_tokens"],
+            "peak_rss_mib": round(max(x["peak_rss_mib"] for x in rs)),
+        }
         if refs:
             import sacrebleu
+
             row["bleu"] = round(sacrebleu.corpus_bleu(rs[0]["hyps"], [refs]).score, 2)
         if kind in exports:
             row["model_bin_mib"] = round(_dir_mib(exports[kind]), 1)
         table.append(row)
-    report = {**cpu_info(), "threads": args.threads, "beam": args.beam, "lines": len(src),
-              "rounds": args.rounds, "omp_wait_policy": args.omp_wait_policy or None,
-              "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-              "results": table}
+    report = {
+        **cpu_info(),
+        "threads": args.threads,
+        "beam": args.beam,
+        "lines": len(src),
+        "rounds": args.rounds,
+        "omp_wait_policy": args.omp_wait_policy or None,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "results": table,
+    }
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"CPU: {report['cpu']} ({report['cores']} cores), ISA: {' '.join(report['isa'])}, "
-          f"bf16 native: {report['bf16_native']}; {args.threads} threads, beam {args.beam}, "
-          f"{len(src)} lines; "
-          f"load average {report['load_average_1min'][0]} -> {report['load_average_1min'][1]}, "
-          f"OMP_WAIT_POLICY={args.omp_wait_policy or '(unset)'}")
+    print(
+        f"CPU: {report['cpu']} ({report['cores']} cores), ISA: {' '.join(report['isa'])}, "
+        f"bf16 native: {report['bf16_native']}; {args.threads} threads, beam {args.beam}, "
+        f"{len(src)} lines; "
+        f"load average {report['load_average_1min'][0]} -> {report['load_average_1min'][1]}, "
+        f"OMP_WAIT_POLICY={args.omp_wait_policy or '(unset)'}"
+    )
     print("| decoder | target tokens/s (each round) | peak RSS MiB | BLEU | model.bin MiB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in table:
         speeds = ", ".join(f"{x:,}" for x in row["tgt_tokens_per_s"])
-        print(f"| {row['config']} | {speeds} | {row['peak_rss_mib']:,} | {row.get('bleu', '')} | "
-              f"{row.get('model_bin_mib', '')} |")
+        print(
+            f"| {row['config']} | {speeds} | {row['peak_rss_mib']:,} | {row.get('bleu', '')} | "
+            f"{row.get('model_bin_mib', '')} |"
+        )
 
 
 if __name__ == "__main__":

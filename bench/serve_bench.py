@@ -10,7 +10,7 @@ non-empty test lines (wall time including start-up, and the decode's own rate wi
 one keep-alive connection, take lines from a shared queue and POST each line alone to /v1/translate
 (split_sentences false, so an answer is comparable with the decode line). Reported per C: sentences/s
 and target tokens/s (1-best pieces without EOS, as `translate decode` counts them; from /metrics),
-p50/p95 request latency, mean sentences and requests per search batch (from /metrics), and how many
+p50/p95/p99 request latency, mean sentences and requests per search batch (from /metrics), and how many
 answers equal the offline decode's line.
 """
 
@@ -44,9 +44,7 @@ def cpu_info() -> dict:
     number = re.search(r"^model\s*:\s*(\d+)$", text, re.M)
     flags = set((re.search(r"^flags\s*:\s*(.*)$", text, re.M) or re.match("()", "")).group(1).split())
     isa = [
-        f
-        for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-        if f in flags
+        f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8") if f in flags
     ]
     import torch
 
@@ -113,9 +111,7 @@ def metric(text: str, name: str) -> float:
     return total
 
 
-def start_server(
-    ckpt: Path, threads: int, max_wait_ms: float, extra: list[str]
-) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, threads: int, max_wait_ms: float, extra: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -202,6 +198,7 @@ def load(url: str, lines: list[str], clients: int) -> tuple[dict, list[str]]:
         "tok_per_s": delta("translate_target_tokens_total") / wall,
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * percentile(latencies, 0.95),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
         "mean_batch_sentences": delta("translate_batch_sentences_sum") / max(1, batches),
         "mean_batch_requests": delta("translate_batch_requests_sum") / max(1, batches),
         "batches": int(batches),
@@ -217,9 +214,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument(
-        "--precision", default=None, help="fp32, bf16 or int8 for both (default: the checkpoint's)"
-    )
+    ap.add_argument("--precision", default=None, help="fp32, bf16 or int8 for both (default: the checkpoint's)")
     args = ap.parse_args()
     extra = ["--precision", args.precision] if args.precision else []
 
@@ -253,7 +248,7 @@ def main() -> None:
             rows.append(row)
             print(
                 f"  {c:>2} clients: {row['sent_per_s']:.1f} sent/s, {row['tok_per_s']:.0f} tok/s, "
-                f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, "
+                f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
                 f"batch {row['mean_batch_sentences']:.1f} sentences ({row['batches']} batches), "
                 f"equal to decode {row['equal_to_decode']}/{len(lines)} (differ: lines {row['differ'][:5]})",
                 flush=True,
@@ -263,16 +258,15 @@ def main() -> None:
         code = proc.wait(60)
     print(f"server exit status after SIGTERM: {code}")
     print()
-    print("| clients | sent/s | tok/s | p50 ms | p95 ms | mean batch (sentences) | answers = decode |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| clients | sent/s | tok/s | p50 ms | p95 ms | p99 ms | mean batch (sentences) | answers = decode |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
             f"| {r['clients']} | {r['sent_per_s']:.1f} | {r['tok_per_s']:.0f} | {r['p50_ms']:.0f} | "
-            f"{r['p95_ms']:.0f} | {r['mean_batch_sentences']:.1f} | {r['equal_to_decode']}/{len(lines)} |"
+            f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch_sentences']:.1f} | "
+            f"{r['equal_to_decode']}/{len(lines)} |"
         )
-    print(
-        f"| offline `translate decode` | {offline['sent_per_s']:.1f} | {offline['tok_per_s']:.0f} | | | | |"
-    )
+    print(f"| offline `translate decode` | {offline['sent_per_s']:.1f} | {offline['tok_per_s']:.0f} | | | | | |")
     if args.json:
         args.json.write_text(
             json.dumps(

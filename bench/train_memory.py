@@ -41,8 +41,9 @@ def main() -> None:
 
     print(json.dumps({"machine": machine()["description"]}), flush=True)
     out = Path(tempfile.mkdtemp(prefix="train-memory-"))
-    recipe = load_recipe(args.recipe, [f"output_dir={out}", f"train.precision={args.precision}", "train.threads=1",
-                                       *args.set])
+    recipe = load_recipe(
+        args.recipe, [f"output_dir={out}", f"train.precision={args.precision}", "train.threads=1", *args.set]
+    )
     if args.tokenizer:
         shutil.copytree(args.tokenizer, out / "tokenizer")
     else:
@@ -55,10 +56,20 @@ def main() -> None:
         tokens += tgt + src
         if i % 10 == 0:
             ru = resource.getrusage(resource.RUSAGE_SELF)
-            print(json.dumps({"step": i, "rss_mib": rss_mib(), "peak_rss_mib": ru.ru_maxrss // 1024,
-                              "minor_faults": ru.ru_minflt, "sys_s": round(ru.ru_stime, 1),
-                              "user_s": round(ru.ru_utime, 1), "tokens_per_s": round(tokens / (time.perf_counter() - t0))}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": i,
+                        "rss_mib": rss_mib(),
+                        "peak_rss_mib": ru.ru_maxrss // 1024,
+                        "minor_faults": ru.ru_minflt,
+                        "sys_s": round(ru.ru_stime, 1),
+                        "user_s": round(ru.ru_utime, 1),
+                        "tokens_per_s": round(tokens / (time.perf_counter() - t0)),
+                    }
+                ),
+                flush=True,
+            )
             t0, tokens = time.perf_counter(), 0
     shutil.rmtree(out, ignore_errors=True)
 

@@ -72,8 +72,14 @@ def pick_layer(n_layers: int, layer: Optional[int]) -> int:
     return index
 
 
-def align_batch(model, tokenizer, src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
-                device: torch.device, layer: Optional[int] = None) -> list[str]:
+def align_batch(
+    model,
+    tokenizer,
+    src_ids: Sequence[Sequence[int]],
+    tgt_ids: Sequence[Sequence[int]],
+    device: torch.device,
+    layer: Optional[int] = None,
+) -> list[str]:
     """Pharaoh alignments of (source ids with EOS, target tokens without BOS/EOS) pairs, batched.
     An empty source or target gives ""."""
     out = ["" for _ in src_ids]
@@ -86,7 +92,7 @@ def align_batch(model, tokenizer, src_ids: Sequence[Sequence[int]], tgt_ids: Seq
     for r, i in enumerate(todo):
         src[r, : len(src_ids[i])] = torch.tensor(list(src_ids[i]))
         tgt[r, 0] = model.bos_id
-        tgt[r, 1: len(tgt_ids[i]) + 1] = torch.tensor(list(tgt_ids[i]))
+        tgt[r, 1 : len(tgt_ids[i]) + 1] = torch.tensor(list(tgt_ids[i]))
     maps = model.cross_attention(src.to(device), tgt.to(device))  # (L, B, H, T, S)
     attn = maps[pick_layer(maps.size(0), layer)].mean(1).cpu()  # (B, T, S)
     for r, i in enumerate(todo):

@@ -49,8 +49,7 @@ class AtomicFile:
         self.tmp: Optional[Path] = Path(tmp)
         try:
             set_default_mode(fd)
-            self.handle: IO[Any] = (os.fdopen(fd, "w", encoding="utf-8", newline="\n") if text
-                                    else os.fdopen(fd, "wb"))
+            self.handle: IO[Any] = os.fdopen(fd, "w", encoding="utf-8", newline="\n") if text else os.fdopen(fd, "wb")
         except BaseException:
             os.close(fd)
             self.tmp.unlink(missing_ok=True)

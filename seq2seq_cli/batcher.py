@@ -140,9 +140,7 @@ class Batcher:
         for r in self._queue:
             if r.key != key:
                 continue
-            if group and (
-                tokens + r.tokens > self.max_tokens or sentences + len(r.sentences) > self.max_sentences
-            ):
+            if group and (tokens + r.tokens > self.max_tokens or sentences + len(r.sentences) > self.max_sentences):
                 break
             group.append(r)
             tokens += r.tokens

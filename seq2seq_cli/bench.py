@@ -35,9 +35,16 @@ def _rss_mib() -> float:
 
 
 def _matmul(n: int = 2048, reps: int = 10) -> dict[str, float]:
+    """GFLOP/s of n^3 matmuls; where bf16 is emulated (~1 GFLOP/s) it is timed on 512^3 x 3 instead
+    of taking minutes."""
     import torch
+
+    from .precision import native_bf16
+
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and not native_bf16():
+            n, reps = 512, 3
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)
         times = []
@@ -45,7 +52,7 @@ def _matmul(n: int = 2048, reps: int = 10) -> dict[str, float]:
             t0 = time.perf_counter()
             torch.mm(a, b)
             times.append(time.perf_counter() - t0)
-        out[f"{name}_gflops"] = 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e9
+        out[f"{name}_gflops"] = 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
     return out
 
 
@@ -55,12 +62,16 @@ def _flops_per_token(model, src_share: float) -> dict[str, float]:
     dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder") or n.startswith("dec_norm"))
     softmax = model.output.weight.numel()
     per_src, per_tgt = 6 * enc, 6 * (dec + softmax)
-    return {"flops_per_src_token": per_src, "flops_per_tgt_token": per_tgt,
-            "flops_per_token": src_share * per_src + (1 - src_share) * per_tgt}
+    return {
+        "flops_per_src_token": per_src,
+        "flops_per_tgt_token": per_tgt,
+        "flops_per_token": src_share * per_src + (1 - src_share) * per_tgt,
+    }
 
 
-def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int, minutes: float = 0.0
-                ) -> dict[str, Any]:
+def _train_part(
+    recipe_path: str, overrides: list[str], warmup: int, steps: int, minutes: float = 0.0
+) -> dict[str, Any]:
     """Training speed through the real loop (`Trainer.run`: data order, logging, validation and
     checkpoints as the recipe says), from its own metrics.jsonl: tokens and seconds of the log
     windows after the first `warmup` updates. With `minutes` the run lasts that long (as a real run
@@ -74,8 +85,11 @@ def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int,
     work = Path(tempfile.mkdtemp(prefix="translate-bench-"))
     base = load_recipe(recipe_path, overrides)
     log_every = base.train.log_every if minutes > 0 else max(1, min(base.train.log_every, steps // 10))
-    budget = [f"train.max_time={minutes}", "train.max_steps=0"] if minutes > 0 else \
-        [f"train.max_steps={warmup + steps}", "train.max_time=0"]
+    budget = (
+        [f"train.max_time={minutes}", "train.max_steps=0"]
+        if minutes > 0
+        else [f"train.max_steps={warmup + steps}", "train.max_time=0"]
+    )
     recipe = load_recipe(recipe_path, [*overrides, f"output_dir={work}", f"train.log_every={log_every}", *budget])
     source = base.output_dir / "tokenizer"
     if source.is_dir():
@@ -94,17 +108,29 @@ def _train_part(recipe_path: str, overrides: list[str], warmup: int, steps: int,
     rates = sorted(r["tokens_per_s"] for r in windows)
     flops = _flops_per_token(trainer.model, n_src / max(1, n_src + n_tgt))
     tps = (n_src + n_tgt) / elapsed
-    return {"precision": trainer.precision, "precision_asked": recipe.train.precision,
-            "threads": torch.get_num_threads(), "steps": ran, "minutes": elapsed / 60,
-            "tokens_per_step": (n_src + n_tgt) / ran, "tokens_per_s": tps, "s_per_step": elapsed / ran,
-            "median_window_tokens_per_s": rates[len(rates) // 2], "windows": len(windows),
-            **flops, "model_gflops": tps * flops["flops_per_token"] / 1e9, "peak_rss_mib": _rss_mib()}
+    return {
+        "precision": trainer.precision,
+        "precision_asked": recipe.train.precision,
+        "threads": torch.get_num_threads(),
+        "steps": ran,
+        "minutes": elapsed / 60,
+        "tokens_per_step": (n_src + n_tgt) / ran,
+        "tokens_per_s": tps,
+        "s_per_step": elapsed / ran,
+        "median_window_tokens_per_s": rates[len(rates) // 2],
+        "windows": len(windows),
+        **flops,
+        "model_gflops": tps * flops["flops_per_token"] / 1e9,
+        "peak_rss_mib": _rss_mib(),
+    }
 
 
-def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, precision: str,
-                 batch_tokens: int) -> dict[str, Any]:
+def _decode_part(
+    checkpoint: str, src: str, ref: str, lines: int, beam: int, precision: str, batch_tokens: int
+) -> dict[str, Any]:
     from .score import dev_scores
     from .translate import Translator
+
     translator = Translator([Path(checkpoint)], "cpu", 0, {"precision": precision, "batch_tokens": batch_tokens})
     text = Path(src).read_text(encoding="utf-8").splitlines()[:lines]
     opts = translator.options(beam=beam, n_best=1, sample=False)
@@ -112,10 +138,17 @@ def _decode_part(checkpoint: str, src: str, ref: str, lines: int, beam: int, pre
     hyps = translator.translate_window(text, opts)  # inference mode is entered per batch there
     elapsed = time.perf_counter() - t0
     tokens = sum(len(h[0].tokens) for h in hyps if h)  # target pieces without EOS, as the peers count
-    out = {"beam": beam, "precision": precision, "workers": translator.workers, "sentences": len(text),
-           "target_tokens": tokens,
-           "seconds": elapsed, "sent_per_s": len(text) / elapsed, "tgt_tokens_per_s": tokens / elapsed,
-           "peak_rss_mib": _rss_mib()}
+    out = {
+        "beam": beam,
+        "precision": precision,
+        "workers": translator.workers,
+        "sentences": len(text),
+        "target_tokens": tokens,
+        "seconds": elapsed,
+        "sent_per_s": len(text) / elapsed,
+        "tgt_tokens_per_s": tokens / elapsed,
+        "peak_rss_mib": _rss_mib(),
+    }
     if ref:
         refs = Path(ref).read_text(encoding="utf-8").splitlines()[:lines]
         system = [translator.detok(h[0]) if h else "" for h in hyps]
@@ -130,14 +163,17 @@ def bench_part(part: str, args: list[str]) -> dict[str, Any]:
     if part == "matmul":
         return {**_matmul(), "peak_rss_mib": _rss_mib()}
     if part == "train":
-        return _train_part(args[0], json.loads(args[1]), int(args[2]), int(args[3]),
-                           float(args[4]) if len(args) > 4 else 0.0)
+        return _train_part(
+            args[0], json.loads(args[1]), int(args[2]), int(args[3]), float(args[4]) if len(args) > 4 else 0.0
+        )
     return _decode_part(args[0], args[1], args[2], int(args[3]), int(args[4]), args[5], int(args[6]))
 
 
 def _child(part: str, *args: str) -> dict[str, Any]:
-    code = ("import json,sys; from seq2seq_cli.bench import bench_part; "
-            "print(json.dumps(bench_part(sys.argv[1], sys.argv[2:])))")
+    code = (
+        "import json,sys; from seq2seq_cli.bench import bench_part; "
+        "print(json.dumps(bench_part(sys.argv[1], sys.argv[2:])))"
+    )
     out = subprocess.run([sys.executable, "-c", code, part, *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"bench part {part} failed:\n{out.stderr[-2000:]}")
@@ -147,8 +183,13 @@ def _child(part: str, *args: str) -> dict[str, Any]:
 def _startup(checkpoint: str, line: str) -> float:
     """Seconds from spawning `translate decode CKPT` to reading its first translated line."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "seq2seq_cli", "decode", checkpoint, "--beam", "5"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seq2seq_cli", "decode", checkpoint, "--beam", "5"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(line + "\n")
     proc.stdin.flush()
@@ -164,33 +205,60 @@ def machine() -> dict[str, Any]:
     import torch
 
     from .precision import cpu_info, resolve_precision
+
     info = cpu_info()
-    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu": info.model, "isa": list(info.flags), "native_bf16": info.native_bf16,
-            "onednn_max_cpu_isa": info.onednn_isa_cap or None, "description": info.describe(),
-            "auto_train": resolve_precision("auto", "cpu", "train"),
-            "auto_decode": resolve_precision("auto", "cpu", "decode")}
+    return {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu": info.model,
+        "isa": list(info.flags),
+        "native_bf16": info.native_bf16,
+        "onednn_max_cpu_isa": info.onednn_isa_cap or None,
+        "description": info.describe(),
+        "auto_train": resolve_precision("auto", "cpu", "train"),
+        "auto_decode": resolve_precision("auto", "cpu", "decode"),
+    }
 
 
-def run_bench(recipe_path: Path, overrides: list[str], checkpoint: Optional[Path], warmup: int, steps: int,
-              lines: int, minutes: float = 0.0) -> dict[str, Any]:
+def run_bench(
+    recipe_path: Path,
+    overrides: list[str],
+    checkpoint: Optional[Path],
+    warmup: int,
+    steps: int,
+    lines: int,
+    minutes: float = 0.0,
+) -> dict[str, Any]:
     """All parts; decoding needs a trained checkpoint (default: the recipe's best.pt). bf16 decoding
     is skipped on a CPU that would emulate it (reported under `skipped`)."""
     from .recipe import load_recipe
+
     recipe = load_recipe(recipe_path, overrides)
     result: dict[str, Any] = {"machine": _child("machine")}
     result["matmul"] = _child("matmul")
-    result["train"] = _child("train", str(recipe_path), json.dumps(overrides), str(warmup), str(steps),
-                             str(minutes))
+    result["train"] = _child("train", str(recipe_path), json.dumps(overrides), str(warmup), str(steps), str(minutes))
     peak = result["matmul"][f"{'bf16' if result['train']['precision'] == 'bf16' else 'fp32'}_gflops"]
     result["train"]["mfu"] = result["train"]["model_gflops"] / peak
     ckpt = checkpoint or recipe.output_dir / "checkpoints" / "best.pt"
     if ckpt.exists() and recipe.data.test is not None and recipe.data.test.src is not None:
         ref = str(recipe.data.test.tgt or "")
         runs = [(b, p) for b, p in DECODE_RUNS if p != "bf16" or result["machine"]["native_bf16"]]
-        result["skipped"] = [f"decode beam {b} {p}: bf16 is emulated on this CPU" for b, p in DECODE_RUNS
-                             if (b, p) not in runs]
-        result["decode"] = [_child("decode", str(ckpt), str(recipe.data.test.src), ref, str(lines), str(b), p,
-                                   str(recipe.decode.batch_tokens)) for b, p in runs]
+        result["skipped"] = [
+            f"decode beam {b} {p}: bf16 is emulated on this CPU" for b, p in DECODE_RUNS if (b, p) not in runs
+        ]
+        result["decode"] = [
+            _child(
+                "decode",
+                str(ckpt),
+                str(recipe.data.test.src),
+                ref,
+                str(lines),
+                str(b),
+                p,
+                str(recipe.decode.batch_tokens),
+            )
+            for b, p in runs
+        ]
         result["startup_s"] = _startup(str(ckpt), "In the beginning God created the heavens and the earth.")
     return result

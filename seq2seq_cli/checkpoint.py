@@ -39,9 +39,21 @@ from .model import Seq2SeqTransformer, build_model
 from .recipe import DecodeConfig, Recipe, RecipeError, UserError, recipe_from_dict
 from .tokenizer import Tokenizer
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "Checkpoint", "TrainingState", "save_checkpoint",
-           "load_checkpoint", "load_model", "content_hash", "average_checkpoints", "prune_checkpoints",
-           "RunDir", "link_checkpoint", "step_checkpoints"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "Checkpoint",
+    "TrainingState",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "content_hash",
+    "average_checkpoints",
+    "prune_checkpoints",
+    "RunDir",
+    "link_checkpoint",
+    "step_checkpoints",
+]
 
 FORMAT_VERSION = 2
 _TRAINING_KEYS = ("position", "optimizer", "scheduler", "scaler", "rng")
@@ -95,14 +107,23 @@ def content_hash(weights: Mapping[str, torch.Tensor], tokenizer: Mapping[str, Op
 
 def _to_state(ckpt: Checkpoint) -> dict[str, Any]:
     state: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "content_sha256": content_hash(ckpt.weights, ckpt.tokenizer),
-        "step": ckpt.step, "recipe": ckpt.recipe.model_dump(mode="json"),
-        "decode": ckpt.decode.model_dump(mode="json"), "model": dict(ckpt.weights),
-        "tokenizer": dict(ckpt.tokenizer)}
+        "format_version": FORMAT_VERSION,
+        "content_sha256": content_hash(ckpt.weights, ckpt.tokenizer),
+        "step": ckpt.step,
+        "recipe": ckpt.recipe.model_dump(mode="json"),
+        "decode": ckpt.decode.model_dump(mode="json"),
+        "model": dict(ckpt.weights),
+        "tokenizer": dict(ckpt.tokenizer),
+    }
     if ckpt.training is not None:
         t = ckpt.training
-        state["training"] = {"position": t.position, "optimizer": t.optimizer, "scheduler": t.scheduler,
-                             "scaler": t.scaler, "rng": t.rng}
+        state["training"] = {
+            "position": t.position,
+            "optimizer": t.optimizer,
+            "scheduler": t.scheduler,
+            "scaler": t.scaler,
+            "rng": t.rng,
+        }
     if ckpt.averaged_from:
         state["averaged_from"] = list(ckpt.averaged_from)
     return state
@@ -139,19 +160,25 @@ def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
-        raise CheckpointError(f"{path}: refused: the file holds objects other than tensors and plain data "
-                              f"(it could run code when loaded) [{first[:120]}]") from None
+        raise CheckpointError(
+            f"{path}: refused: the file holds objects other than tensors and plain data "
+            f"(it could run code when loaded) [{first[:120]}]"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: "
-                              f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+        ) from None
     if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a translate checkpoint (no format_version/model entries)")
     version = state["format_version"]
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path}: checkpoint format_version {version!r} is not valid")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format_version {version} was written by a newer translate "
-                              f"(this version reads up to {FORMAT_VERSION}): upgrade translate to use it")
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version} was written by a newer translate "
+            f"(this version reads up to {FORMAT_VERSION}): upgrade translate to use it"
+        )
     return state
 
 
@@ -163,8 +190,9 @@ def _from_state(path: Path, state: dict[str, Any]) -> Checkpoint:
     try:
         decode = DecodeConfig.model_validate(state.get("decode") or recipe.decode.model_dump())
     except ValidationError as exc:
-        raise CheckpointError(f"{path}: stored decode settings are invalid "
-                              f"({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})") from None
+        raise CheckpointError(
+            f"{path}: stored decode settings are invalid ({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})"
+        ) from None
     weights, tokenizer = state["model"], state.get("tokenizer")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{path}: the model entry is not a dict of tensors")
@@ -173,16 +201,34 @@ def _from_state(path: Path, state: dict[str, Any]) -> Checkpoint:
     if state["format_version"] >= 2:
         stored = state.get("content_sha256")
         if not isinstance(stored, str) or stored != content_hash(weights, tokenizer):
-            raise CheckpointError(f"{path}: content hash mismatch: the weights or tokenizer were changed "
-                                  "after the file was written (corrupt or hand-edited); refusing it")
-    training_state = state.get("training") if state["format_version"] >= 2 else (
-        {k: state[k] for k in _TRAINING_KEYS if k in state} if "optimizer" in state else None)
+            raise CheckpointError(
+                f"{path}: content hash mismatch: the weights or tokenizer were changed "
+                "after the file was written (corrupt or hand-edited); refusing it"
+            )
+    training_state = (
+        state.get("training")
+        if state["format_version"] >= 2
+        else ({k: state[k] for k in _TRAINING_KEYS if k in state} if "optimizer" in state else None)
+    )
     training = None
     if training_state:
-        training = TrainingState(training_state["position"], training_state["optimizer"],
-                                 training_state["scheduler"], training_state["rng"], training_state.get("scaler"))
-    return Checkpoint(recipe, weights, tokenizer, decode, int(state.get("step", 0)), training,
-                      tuple(state.get("averaged_from", ())), path)
+        training = TrainingState(
+            training_state["position"],
+            training_state["optimizer"],
+            training_state["scheduler"],
+            training_state["rng"],
+            training_state.get("scaler"),
+        )
+    return Checkpoint(
+        recipe,
+        weights,
+        tokenizer,
+        decode,
+        int(state.get("step", 0)),
+        training,
+        tuple(state.get("averaged_from", ())),
+        path,
+    )
 
 
 def load_checkpoint(path: Path | str, mmap: bool = False) -> Checkpoint:
@@ -205,15 +251,18 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[Se
     emb = ckpt.weights.get("tgt_embed.weight")
     if emb is None or emb.size(0) != tok.tgt_vocab_size:
         got = None if emb is None else emb.size(0)
-        raise CheckpointError(f"{ckpt.where()}: tokenizer vocabulary ({tok.tgt_vocab_size}) does not match "
-                              f"the model's embedding ({got})")
-    model = build_model(ckpt.recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id, tok.bos_id,
-                        tok.eos_id, init=False)  # every weight is loaded next (strict)
+        raise CheckpointError(
+            f"{ckpt.where()}: tokenizer vocabulary ({tok.tgt_vocab_size}) does not match the model's embedding ({got})"
+        )
+    model = build_model(
+        ckpt.recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, init=False
+    )  # every weight is loaded next (strict)
     try:
         model.load_state_dict(dict(ckpt.weights), strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt.where()}: weights do not fit the stored model shape "
-                              f"({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(
+            f"{ckpt.where()}: weights do not fit the stored model shape ({str(exc).splitlines()[0][:160]})"
+        ) from None
     return model.to(device).eval(), tok
 
 
@@ -234,10 +283,10 @@ def average_checkpoints(paths: Sequence[Path]) -> Checkpoint:
         for k, v in other.items():
             if v.is_floating_point():
                 total[k] += v.double()
-    weights = {k: (v / len(paths)).to(first.weights[k].dtype) if v.is_floating_point() else v
-               for k, v in total.items()}
-    return Checkpoint(first.recipe, weights, first.tokenizer, first.decode, first.step,
-                      averaged_from=tuple(str(p) for p in paths))
+    weights = {k: (v / len(paths)).to(first.weights[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
+    return Checkpoint(
+        first.recipe, weights, first.tokenizer, first.decode, first.step, averaged_from=tuple(str(p) for p in paths)
+    )
 
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
@@ -253,8 +302,6 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step-N.pt files."""
     for p in step_checkpoints(directory)[:-keep_last]:
         p.unlink(missing_ok=True)
-
-
 
 
 @dataclass(frozen=True)
@@ -299,5 +346,6 @@ def link_checkpoint(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:
         import shutil
+
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)

@@ -123,8 +123,9 @@ class ConstraintSet:
         bank = self._banks.get(state)
         if bank is None:
             met, prog, _ = state
-            bank = (sum(len(c) for c, m in zip(self.phrases, met) if m)
-                    + max((p for p, m in zip(prog, met) if not m), default=0))
+            bank = sum(len(c) for c, m in zip(self.phrases, met) if m) + max(
+                (p for p, m in zip(prog, met) if not m), default=0
+            )
             self._banks[state] = bank
         return bank
 
@@ -159,8 +160,7 @@ class ConstraintBeams:
         """New rows: old row rows[i] extended by toks[i]."""
         idx = rows.tolist()
         sets = [self.sets[r] for r in idx]
-        return ConstraintBeams(sets, [s.advance(self.states[r], t)
-                                      for s, r, t in zip(sets, idx, toks.tolist())])
+        return ConstraintBeams(sets, [s.advance(self.states[r], t) for s, r, t in zip(sets, idx, toks.tolist())])
 
     def unmet(self, rows: Tensor) -> list[int]:
         """Unmet constraint count of each of `rows`."""
@@ -175,9 +175,9 @@ class ConstraintBeams:
         return torch.tensor([st[2] for st in self.states], dtype=torch.bool, device=device)
 
 
-def order_candidates(cons: ConstraintBeams, scores: Tensor, log_probs: Tensor,
-                     cand: tuple[Tensor, Tensor, Tensor], k: int, eos: int
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def order_candidates(
+    cons: ConstraintBeams, scores: Tensor, log_probs: Tensor, cand: tuple[Tensor, Tensor, Tensor], k: int, eos: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Dynamic beam allocation for one step (see the module docstring).
 
     scores (A*k,) raw scores of the open rows; log_probs (A*k, V) this step's log-probs after
@@ -240,8 +240,7 @@ def order_candidates(cons: ConstraintBeams, scores: Tensor, log_probs: Tensor,
     return out_top, out_rows, out_toks
 
 
-def as_constraint_beams(constraints: Optional[Sequence[Sequence[Sequence[int]]]], k: int
-                        ) -> Optional[ConstraintBeams]:
+def as_constraint_beams(constraints: Optional[Sequence[Sequence[Sequence[int]]]], k: int) -> Optional[ConstraintBeams]:
     """ConstraintBeams for a batch, or None when no sentence has a constraint (the plain path)."""
     if constraints is None or not any(len(cs) for cs in constraints):
         return None

@@ -45,9 +45,15 @@ from .data import DataError, clean_line
 from .recipe import DecodeConfig, UserError, resolve_decode
 from .tokenizer import Tokenizer, TokenizerError
 
-__all__ = ["EXPORT_INFO", "BackendError", "CT2Translator", "is_export", "import_ctranslate2",
-           "run_decode_ct2",
-           "PRECISION_TO_COMPUTE"]
+__all__ = [
+    "EXPORT_INFO",
+    "BackendError",
+    "CT2Translator",
+    "is_export",
+    "import_ctranslate2",
+    "run_decode_ct2",
+    "PRECISION_TO_COMPUTE",
+]
 
 EXPORT_INFO = "translate_export.json"
 EXPORT_FORMAT = "translate-ctranslate2"
@@ -80,11 +86,15 @@ def read_export_info(directory: Path) -> dict[str, Any]:
     """The export's JSON (format, max_positions, decode defaults, parity), checked."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise BackendError(f"{directory}: not a directory; --backend ctranslate2 needs a directory "
-                           "written by `translate export --format ctranslate2`")
+        raise BackendError(
+            f"{directory}: not a directory; --backend ctranslate2 needs a directory "
+            "written by `translate export --format ctranslate2`"
+        )
     if not is_export(directory):
-        raise BackendError(f"{directory}: not a CTranslate2 export (no {EXPORT_INFO} and model.bin); "
-                           "write one with `translate export CKPT -o DIR`")
+        raise BackendError(
+            f"{directory}: not a CTranslate2 export (no {EXPORT_INFO} and model.bin); "
+            "write one with `translate export CKPT -o DIR`"
+        )
     try:
         info = json.loads((directory / EXPORT_INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -102,8 +112,14 @@ def max_decode_len(n_src: int, max_len_a: float, max_len_b: int, max_positions: 
 class CT2Translator:
     """A CTranslate2 export + its tokenizer, translating raw lines like `translate.Translator`."""
 
-    def __init__(self, directory: Path | str, device: str = "cpu", threads: int = 0,
-                 compute_type: str = "default", workers: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path | str,
+        device: str = "cpu",
+        threads: int = 0,
+        compute_type: str = "default",
+        workers: int = 0,
+    ) -> None:
         """threads: CPU threads in all (0 = all cores); workers: batches translated at once, each with
         threads // workers threads (0 = one per thread, at most 4, as translate.Translator does)."""
         self.directory = Path(directory)
@@ -116,9 +132,13 @@ class CT2Translator:
         threads = threads or os.cpu_count() or 1
         self.workers = workers or max(1, min(4, threads))
         try:
-            self.translator = ct2.Translator(str(self.directory), device=device, compute_type=compute_type,
-                                             inter_threads=self.workers,
-                                             intra_threads=max(1, threads // self.workers))
+            self.translator = ct2.Translator(
+                str(self.directory),
+                device=device,
+                compute_type=compute_type,
+                inter_threads=self.workers,
+                intra_threads=max(1, threads // self.workers),
+            )
         except (RuntimeError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise BackendError(f"{self.directory}: CTranslate2 cannot load it ({first})") from None
@@ -133,9 +153,17 @@ class CT2Translator:
         sp = self.tokenizer.id_to_piece
         return [sp(i, "src") for i in ids] + ["</s>"]
 
-    def translate_pieces(self, lines: Sequence[str], beam: int = 5, n_best: int = 1, alpha: float = 0.6,
-                         max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
-                         batch_tokens: int = 4096) -> list[list[tuple[list[int], float]]]:
+    def translate_pieces(
+        self,
+        lines: Sequence[str],
+        beam: int = 5,
+        n_best: int = 1,
+        alpha: float = 0.6,
+        max_len_a: float = 1.5,
+        max_len_b: int = 10,
+        min_len: int = 0,
+        batch_tokens: int = 4096,
+    ) -> list[list[tuple[list[int], float]]]:
         """(target ids without EOS, score) for the n_best hypotheses of each line, best first; [] for
         an empty line. The power length penalty |Y|^alpha (|Y| with EOS) ranks finished hypotheses."""
         cleaned = [clean_line(x) for x in lines]
@@ -154,18 +182,28 @@ class CT2Translator:
                     out[i] = [([], 0.0)]
                 continue
             # min(min_len, max_len): search.py lets max_len win a conflict, CTranslate2 would refuse it
-            options = dict(beam_size=beam, num_hypotheses=n_best, length_penalty=alpha, patience=1.0,
-                           max_decoding_length=max_len, min_decoding_length=min(min_len, max_len),
-                           return_end_token=True, return_scores=True, max_input_length=0,
-                           max_batch_size=max(1, batch_tokens // beam), batch_type="tokens")
+            options = dict(
+                beam_size=beam,
+                num_hypotheses=n_best,
+                length_penalty=alpha,
+                patience=1.0,
+                max_decoding_length=max_len,
+                min_decoding_length=min(min_len, max_len),
+                return_end_token=True,
+                return_scores=True,
+                max_input_length=0,
+                max_batch_size=max(1, batch_tokens // beam),
+                batch_type="tokens",
+            )
             futures = self.translator.translate_batch([p for _, p in items], asynchronous=True, **options)
             pending.append((items, options, futures))
         for items, options, futures in pending:
             results = [f.result() for f in futures]
             redo = [j for j, res in enumerate(results) if any(BANNED & set(h) for h in res.hypotheses)]
             if redo:
-                again = self.translator.translate_batch([items[j][1] for j in redo], **options,
-                                                        suppress_sequences=[[t] for t in sorted(BANNED)])
+                again = self.translator.translate_batch(
+                    [items[j][1] for j in redo], **options, suppress_sequences=[[t] for t in sorted(BANNED)]
+                )
                 for j, res in zip(redo, again):
                     results[j] = res
             for (i, _), res in zip(items, results):
@@ -178,9 +216,17 @@ class CT2Translator:
                 self.target_tokens += len(hyps[0][0]) if hyps else 0
         return out
 
-    def translate_lines(self, lines: Sequence[str], beam: int = 5, n_best: int = 1, alpha: float = 0.6,
-                        max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0,
-                        batch_tokens: int = 4096) -> list[list[tuple[str, float]]]:
+    def translate_lines(
+        self,
+        lines: Sequence[str],
+        beam: int = 5,
+        n_best: int = 1,
+        alpha: float = 0.6,
+        max_len_a: float = 1.5,
+        max_len_b: int = 10,
+        min_len: int = 0,
+        batch_tokens: int = 4096,
+    ) -> list[list[tuple[str, float]]]:
         """(detokenised text, score) for the n_best hypotheses of each line; [] for an empty line."""
         hyps = self.translate_pieces(lines, beam, n_best, alpha, max_len_a, max_len_b, min_len, batch_tokens)
         return [[(self.tokenizer.decode_tgt(ids), score) for ids, score in h] for h in hyps]
@@ -191,8 +237,10 @@ class CT2Translator:
         try:
             stored = DecodeConfig.model_validate(self.decode_defaults)
         except ValidationError as exc:
-            raise BackendError(f"{self.directory}: translate_export.json has invalid decode settings "
-                               f"({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})") from None
+            raise BackendError(
+                f"{self.directory}: translate_export.json has invalid decode settings "
+                f"({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})"
+            ) from None
         return resolve_decode(stored, None, options)
 
     def options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -202,28 +250,49 @@ class CT2Translator:
         if o.sample:
             raise BackendError(f"{self.directory}: --sample is not supported with --backend ctranslate2")
         if o.beta > 0:
-            raise BackendError(f"{self.directory}: the coverage penalty (beta={o.beta}) has no exact "
-                               "CTranslate2 equivalent; use --beta 0 or --backend torch")
+            raise BackendError(
+                f"{self.directory}: the coverage penalty (beta={o.beta}) has no exact "
+                "CTranslate2 equivalent; use --beta 0 or --backend torch"
+            )
         if o.length_penalty == "gnmt" and o.alpha != 0 and o.beam > 1:
             log.warning(gnmt_warning(o.alpha))
         if not o.stop_early:
-            log.warning("CTranslate2 ends a sentence at `beam` finished hypotheses (stop_early: true); "
-                        "stop_early: false is not available")
+            log.warning(
+                "CTranslate2 ends a sentence at `beam` finished hypotheses (stop_early: true); "
+                "stop_early: false is not available"
+            )
         if o.no_repeat_ngram or o.repeat_guard:
-            raise BackendError(f"{self.directory}: no_repeat_ngram and repeat_guard are not mapped for "
-                               "--backend ctranslate2")
-        return {"beam": o.beam, "n_best": o.n_best, "alpha": o.alpha, "max_len_a": o.max_len_a,
-                "max_len_b": o.max_len_b, "min_len": o.min_len}
+            raise BackendError(
+                f"{self.directory}: no_repeat_ngram and repeat_guard are not mapped for --backend ctranslate2"
+            )
+        return {
+            "beam": o.beam,
+            "n_best": o.n_best,
+            "alpha": o.alpha,
+            "max_len_a": o.max_len_a,
+            "max_len_b": o.max_len_b,
+            "min_len": o.min_len,
+        }
 
 
 def gnmt_warning(alpha: float) -> str:
-    return (f"CTranslate2 has no GNMT length penalty: ranking finished hypotheses by score / |Y|^{alpha} "
-            f"(power form, same alpha) instead of ((5+|Y|)/6)^{alpha}; use --length-penalty power for "
-            "identical beam results")
+    return (
+        f"CTranslate2 has no GNMT length penalty: ranking finished hypotheses by score / |Y|^{alpha} "
+        f"(power form, same alpha) instead of ((5+|Y|)/6)^{alpha}; use --length-penalty power for "
+        "identical beam results"
+    )
 
 
-def run_decode_ct2(directory: Path, input: str, output: str, options: dict[str, Any], stream: bool = False,
-                   device: str = "auto", threads: int = 0, encoding_errors: str = "strict") -> int:
+def run_decode_ct2(
+    directory: Path,
+    input: str,
+    output: str,
+    options: dict[str, Any],
+    stream: bool = False,
+    device: str = "auto",
+    threads: int = 0,
+    encoding_errors: str = "strict",
+) -> int:
     """`translate decode --backend ctranslate2 DIR`: read lines, translate in order, write atomically.
 
     Same contract as translate.run_decode: one output line per input line (n-best: TSV rows
@@ -247,8 +316,11 @@ def run_decode_ct2(directory: Path, input: str, output: str, options: dict[str, 
     budget = config.batch_tokens
     counts: dict = {}
     from_stdin = input == "-"
-    chunks = (stdin_chunks(1 if stream else 2000, encoding_errors, counts) if from_stdin
-              else file_chunks(Path(input), 2000, encoding_errors, counts))
+    chunks = (
+        stdin_chunks(1 if stream else 2000, encoding_errors, counts)
+        if from_stdin
+        else file_chunks(Path(input), 2000, encoding_errors, counts)
+    )
     out = AtomicOutput(output)
     index = 0
     try:

@@ -27,9 +27,24 @@ from torch import Tensor
 from .recipe import Split, UserError
 from .tokenizer import Tokenizer
 
-__all__ = ["DataError", "decode_bytes", "read_lines", "iter_lines", "read_split", "clean_line", "ParallelText",
-           "encode_pairs", "EncodedCorpus", "length_batches", "make_batches", "pad_rows", "shard_batches", "Batch", "collate",
-           "mix_replay"]
+__all__ = [
+    "DataError",
+    "decode_bytes",
+    "read_lines",
+    "iter_lines",
+    "read_split",
+    "clean_line",
+    "ParallelText",
+    "encode_pairs",
+    "EncodedCorpus",
+    "length_batches",
+    "make_batches",
+    "pad_rows",
+    "shard_batches",
+    "Batch",
+    "collate",
+    "mix_replay",
+]
 
 
 class DataError(UserError):
@@ -65,8 +80,10 @@ def decode_bytes(raw: bytes, name: str, line_no: int, errors: str, counts: dict)
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         if errors == "strict":
-            raise DataError(f"{name}:{line_no}: invalid UTF-8 byte 0x{raw[exc.start]:02x} at column {exc.start + 1} "
-                            "(set encoding_errors to replace to substitute such bytes)") from None
+            raise DataError(
+                f"{name}:{line_no}: invalid UTF-8 byte 0x{raw[exc.start]:02x} at column {exc.start + 1} "
+                "(set encoding_errors to replace to substitute such bytes)"
+            ) from None
         counts["replaced_lines"] = counts.get("replaced_lines", 0) + 1
         return raw.decode("utf-8", errors="replace")
 
@@ -126,8 +143,9 @@ def read_split(split: Split, errors: str = "strict", keep_blank: bool = False) -
         src, tgt = read_lines(split.src, errors, counts), read_lines(split.tgt, errors, counts)
         names = [split.src, split.tgt]
         if len(src) != len(tgt):
-            raise DataError(f"{split.tgt}: has {len(tgt)} lines but {split.src} has {len(src)}; "
-                            "parallel files must be line-aligned")
+            raise DataError(
+                f"{split.tgt}: has {len(tgt)} lines but {split.src} has {len(src)}; parallel files must be line-aligned"
+            )
     if split.max_lines:
         src, tgt = src[: split.max_lines], tgt[: split.max_lines]
     refs = [read_lines(r, errors, counts)[: split.max_lines or None] for r in split.refs]
@@ -140,8 +158,9 @@ def read_split(split: Split, errors: str = "strict", keep_blank: bool = False) -
     if not keep:
         raise DataError(f"{names[0]}: every line pair is blank")
     pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
-    return ParallelText(pick(src), pick(tgt), [pick(r) for r in refs], len(src) - len(keep),
-                        counts.get("replaced_lines", 0), keep)
+    return ParallelText(
+        pick(src), pick(tgt), [pick(r) for r in refs], len(src) - len(keep), counts.get("replaced_lines", 0), keep
+    )
 
 
 @dataclass
@@ -161,8 +180,14 @@ class EncodedCorpus:
         return sum(map(len, self.src)), sum(len(t) + 1 for t in self.tgt)
 
 
-def encode_pairs(text: ParallelText, tok: Tokenizer, max_len: int, max_len_ratio: float = 0.0,
-                 filter_long: bool = True, truncate: bool = False) -> EncodedCorpus:
+def encode_pairs(
+    text: ParallelText,
+    tok: Tokenizer,
+    max_len: int,
+    max_len_ratio: float = 0.0,
+    filter_long: bool = True,
+    truncate: bool = False,
+) -> EncodedCorpus:
     """Encode both sides; drop pairs longer than max_len pieces (+1 for EOS) or beyond the ratio.
 
     With truncate=True (dev sets) long sides are cut to max_len - 1 pieces instead of dropped.
@@ -194,8 +219,12 @@ def mix_replay(main: EncodedCorpus, replay: EncodedCorpus, ratio: float, seed: i
     """
     k = min(len(replay), round(len(main) * ratio / (1.0 - ratio)))
     pick = sorted(random.Random(seed).sample(range(len(replay)), k))
-    mixed = EncodedCorpus(main.src + [replay.src[i] for i in pick], main.tgt + [replay.tgt[i] for i in pick],
-                          main.dropped_too_long, main.dropped_ratio)
+    mixed = EncodedCorpus(
+        main.src + [replay.src[i] for i in pick],
+        main.tgt + [replay.tgt[i] for i in pick],
+        main.dropped_too_long,
+        main.dropped_ratio,
+    )
     return mixed, k
 
 
@@ -220,8 +249,9 @@ def length_batches(order: Sequence[int], lengths: Sequence[int], batch_tokens: i
     return batches
 
 
-def make_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens: int, seed: int,
-                 epoch: int) -> list[list[int]]:
+def make_batches(
+    src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Length-bucketed batches of pair indices, in a shuffled order fixed by (seed, epoch).
 
     A batch holds n pairs with n * max_len <= batch_tokens on each side (padded tokens),
@@ -255,8 +285,13 @@ class Batch:
     n_tgt: int
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(self.src.to(device, non_blocking=non_blocking), self.tgt_in.to(device, non_blocking=non_blocking),
-                     self.tgt_out.to(device, non_blocking=non_blocking), self.n_src, self.n_tgt)
+        return Batch(
+            self.src.to(device, non_blocking=non_blocking),
+            self.tgt_in.to(device, non_blocking=non_blocking),
+            self.tgt_out.to(device, non_blocking=non_blocking),
+            self.n_src,
+            self.n_tgt,
+        )
 
 
 def pad_rows(rows: Iterable[Sequence[int]], pad_id: int) -> Tensor:
@@ -272,6 +307,10 @@ def collate(corpus: EncodedCorpus, index: Sequence[int], pad_id: int, bos_id: in
     """Build the padded Batch for the pairs `index` of corpus."""
     src = [corpus.src[i] for i in index]
     tgt = [corpus.tgt[i] for i in index]
-    return Batch(pad_rows(src, pad_id), pad_rows(([bos_id] + t for t in tgt), pad_id),
-                 pad_rows((t + [eos_id] for t in tgt), pad_id), sum(map(len, src)), sum(len(t) + 1 for t in tgt))
-
+    return Batch(
+        pad_rows(src, pad_id),
+        pad_rows(([bos_id] + t for t in tgt), pad_id),
+        pad_rows((t + [eos_id] for t in tgt), pad_id),
+        sum(map(len, src)),
+        sum(len(t) + 1 for t in tgt),
+    )

@@ -19,8 +19,19 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-__all__ = ["DistContext", "init_from_env", "wrap", "maybe_no_sync", "all_reduce_sum", "all_reduce_list",
-           "max_across", "broadcast_flag", "barrier", "shutdown", "pick_device"]
+__all__ = [
+    "DistContext",
+    "init_from_env",
+    "wrap",
+    "maybe_no_sync",
+    "all_reduce_sum",
+    "all_reduce_list",
+    "max_across",
+    "broadcast_flag",
+    "barrier",
+    "shutdown",
+    "pick_device",
+]
 
 TIMEOUT_MINUTES = float(os.environ.get("TRANSLATE_DIST_TIMEOUT_MIN", "30"))
 
@@ -42,8 +53,12 @@ def init_from_env() -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
-    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
-                      int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    ctx = DistContext(
+        int(os.environ["RANK"]),
+        world,
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
     if not tdist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

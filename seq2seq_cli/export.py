@@ -48,8 +48,7 @@ from .recipe import UserError
 from .score import corpus_scores
 from .tokenizer import Tokenizer
 
-__all__ = ["ExportError", "export_ctranslate2", "build_spec", "QUANTIZATIONS", "MIN_GREEDY_EXACT",
-           "SAMPLE_SENTENCES"]
+__all__ = ["ExportError", "export_ctranslate2", "build_spec", "QUANTIZATIONS", "MIN_GREEDY_EXACT", "SAMPLE_SENTENCES"]
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "bfloat16")
 MIN_GREEDY_EXACT = 0.99
@@ -143,8 +142,8 @@ def build_spec(model: Seq2SeqTransformer, tok: Tokenizer) -> Any:
     if act is None:
         raise ExportError(f"activation {cfg.activation!r} has no CTranslate2 equivalent")
     spec = transformer_spec.TransformerSpec.from_config(
-        (cfg.n_encoder_layers, cfg.n_decoder_layers), cfg.n_heads, pre_norm=pre, no_final_norm=not pre,
-        activation=act)
+        (cfg.n_encoder_layers, cfg.n_decoder_layers), cfg.n_heads, pre_norm=pre, no_final_norm=not pre, activation=act
+    )
     positions = position_table(model)
     enc, dec = spec.encoder, spec.decoder
     _linear(enc.embeddings[0], model.src_embed.weight)
@@ -190,8 +189,7 @@ def check_sample(recipe: Any, max_lines: int) -> tuple[list[str], Optional[list[
     """(source lines, references or None, where from): the recipe's dev set if its files exist,
     else the built-in SAMPLE_SENTENCES."""
     dev = getattr(recipe.data, "dev", None)
-    if dev is not None and dev.src is not None and dev.tgt is not None and dev.src.is_file() \
-            and dev.tgt.is_file():
+    if dev is not None and dev.src is not None and dev.tgt is not None and dev.src.is_file() and dev.tgt.is_file():
         src, ref = read_lines(dev.src), read_lines(dev.tgt)
         pairs = [(s, r) for s, r in zip(src, ref) if s][:max_lines]
         if pairs:
@@ -203,8 +201,14 @@ def _bleu(hyps: list[str], refs: list[str]) -> float:
     return round(corpus_scores(hyps, [refs], ["bleu"])[0].score, 2)
 
 
-def parity(ckpt_path: Path, model_dir: Path, lines: Sequence[str], refs: Optional[Sequence[str]],
-           decode: dict[str, Any], compute_type: str = "float32") -> dict[str, Any]:
+def parity(
+    ckpt_path: Path,
+    model_dir: Path,
+    lines: Sequence[str],
+    refs: Optional[Sequence[str]],
+    decode: dict[str, Any],
+    compute_type: str = "float32",
+) -> dict[str, Any]:
     """Decode `lines` with this project's fp32 decoder and with the export; per search (greedy,
     beam 5 with the power length penalty): token-exact match rate, BLEU of each against the
     references (or None), and BLEU of the export against this project's output."""
@@ -213,12 +217,24 @@ def parity(ckpt_path: Path, model_dir: Path, lines: Sequence[str], refs: Optiona
     ours = Translator([ckpt_path], "cpu", 0, {"precision": "fp32"})  # workers: the checkpoint's; same output
     theirs = CT2Translator(model_dir, "cpu", 0, compute_type)
     alpha = float(decode.get("alpha", 0.6))
-    common = dict(max_len_a=float(decode.get("max_len_a", 1.5)), max_len_b=int(decode.get("max_len_b", 10)),
-                  min_len=int(decode.get("min_len", 0)))
+    common = dict(
+        max_len_a=float(decode.get("max_len_a", 1.5)),
+        max_len_b=int(decode.get("max_len_b", 10)),
+        min_len=int(decode.get("min_len", 0)),
+    )
     out: dict[str, Any] = {}
     for name, beam in (("greedy", 1), (f"beam{CHECK_BEAM}", CHECK_BEAM)):
-        opts = ours.options(beam=beam, n_best=1, alpha=alpha, beta=0.0, length_penalty="power", sample=False,
-                            stop_early=True, no_repeat_ngram=0, **common)
+        opts = ours.options(
+            beam=beam,
+            n_best=1,
+            alpha=alpha,
+            beta=0.0,
+            length_penalty="power",
+            sample=False,
+            stop_early=True,
+            no_repeat_ngram=0,
+            **common,
+        )
         t0 = time.perf_counter()
         a = [h[0].tokens if h else [] for h in ours.translate_window(list(lines), opts)]
         t1 = time.perf_counter()
@@ -226,12 +242,15 @@ def parity(ckpt_path: Path, model_dir: Path, lines: Sequence[str], refs: Optiona
         t2 = time.perf_counter()
         text_a = [ours.tokenizer.decode_tgt(x) for x in a]
         text_b = [theirs.tokenizer.decode_tgt(x) for x in b]
-        out[name] = {"exact": sum(x == y for x, y in zip(a, b)) / max(1, len(a)),
-                     "mismatched_lines": [i + 1 for i, (x, y) in enumerate(zip(a, b)) if x != y][:20],
-                     "bleu_translate": _bleu(text_a, list(refs)) if refs else None,
-                     "bleu_ctranslate2": _bleu(text_b, list(refs)) if refs else None,
-                     "bleu_ctranslate2_vs_translate": _bleu(text_b, text_a),
-                     "seconds_translate": round(t1 - t0, 2), "seconds_ctranslate2": round(t2 - t1, 2)}
+        out[name] = {
+            "exact": sum(x == y for x, y in zip(a, b)) / max(1, len(a)),
+            "mismatched_lines": [i + 1 for i, (x, y) in enumerate(zip(a, b)) if x != y][:20],
+            "bleu_translate": _bleu(text_a, list(refs)) if refs else None,
+            "bleu_ctranslate2": _bleu(text_b, list(refs)) if refs else None,
+            "bleu_ctranslate2_vs_translate": _bleu(text_b, text_a),
+            "seconds_translate": round(t1 - t0, 2),
+            "seconds_ctranslate2": round(t2 - t1, 2),
+        }
         if refs:
             out[name]["bleu_delta"] = round(out[name]["bleu_ctranslate2"] - out[name]["bleu_translate"], 2)
     return out
@@ -242,16 +261,22 @@ def decode_notes(decode: dict[str, Any]) -> list[str]:
     `decode --backend ctranslate2` warns about GNMT again and refuses beta > 0)."""
     notes = []
     if decode.get("length_penalty", "gnmt") == "gnmt" and float(decode.get("alpha", 0)) != 0:
-        notes.append(f"decode defaults use the GNMT length penalty (alpha={decode['alpha']}): CTranslate2 "
-                     "has only the power form |Y|^alpha, which `decode --backend ctranslate2` uses with the "
-                     "same alpha (greedy output is unaffected; beam results may differ; the parity check "
-                     "uses power on both sides)")
+        notes.append(
+            f"decode defaults use the GNMT length penalty (alpha={decode['alpha']}): CTranslate2 "
+            "has only the power form |Y|^alpha, which `decode --backend ctranslate2` uses with the "
+            "same alpha (greedy output is unaffected; beam results may differ; the parity check "
+            "uses power on both sides)"
+        )
     if float(decode.get("beta", 0)) > 0:
-        notes.append(f"decode defaults use a coverage penalty (beta={decode['beta']}): `decode --backend "
-                     "ctranslate2` refuses it; pass --beta 0 there")
+        notes.append(
+            f"decode defaults use a coverage penalty (beta={decode['beta']}): `decode --backend "
+            "ctranslate2` refuses it; pass --beta 0 there"
+        )
     if not decode.get("stop_early", True):
-        notes.append("decode defaults use stop_early: false; CTranslate2 always stops at `beam` finished "
-                     "hypotheses (stop_early: true)")
+        notes.append(
+            "decode defaults use stop_early: false; CTranslate2 always stops at `beam` finished "
+            "hypotheses (stop_early: true)"
+        )
     return notes
 
 
@@ -286,8 +311,14 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
-def export_ctranslate2(ckpt_path: Path, out_dir: Path, quantization: str = "float32", force: bool = False,
-                       check: bool = True, check_lines: int = 200) -> dict[str, Any]:
+def export_ctranslate2(
+    ckpt_path: Path,
+    out_dir: Path,
+    quantization: str = "float32",
+    force: bool = False,
+    check: bool = True,
+    check_lines: int = 200,
+) -> dict[str, Any]:
     """Write the CTranslate2 export of one checkpoint (see the module docstring); returns a report."""
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
@@ -302,12 +333,19 @@ def export_ctranslate2(ckpt_path: Path, out_dir: Path, quantization: str = "floa
     tmp = _prepare_target(out_dir, force)
     check_dir = None
     try:
-        report: dict[str, Any] = {"output": str(out_dir), "checkpoint": str(ckpt_path),
-                                  "quantization": quantization, "notes": notes}
+        report: dict[str, Any] = {
+            "output": str(out_dir),
+            "checkpoint": str(ckpt_path),
+            "quantization": quantization,
+            "notes": notes,
+        }
         with torch.no_grad():
             if check:
-                check_dir = tmp if quantization == "float32" else Path(tempfile.mkdtemp(
-                    prefix=f".{out_dir.name}.check.", dir=out_dir.parent))
+                check_dir = (
+                    tmp
+                    if quantization == "float32"
+                    else Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.check.", dir=out_dir.parent))
+                )
                 _save(build_spec(model, tok), check_dir, "float32")
                 tok.save(check_dir)
                 _write_info(check_dir, ckpt, model, decode, "float32", None)
@@ -319,7 +357,8 @@ def export_ctranslate2(ckpt_path: Path, out_dir: Path, quantization: str = "floa
                     raise ExportError(
                         f"{out_dir}: parity check failed: greedy float32 exact match {100 * exact:.1f}% < "
                         f"{100 * MIN_GREEDY_EXACT:.0f}% on {len(lines)} lines of {where} (first mismatched "
-                        f"lines {result['greedy']['mismatched_lines'][:5]}); nothing written")
+                        f"lines {result['greedy']['mismatched_lines'][:5]}); nothing written"
+                    )
             if quantization != "float32" or not check:
                 _save(build_spec(model, tok), tmp, quantization)
             tok.save(tmp)
@@ -336,10 +375,24 @@ def export_ctranslate2(ckpt_path: Path, out_dir: Path, quantization: str = "floa
             shutil.rmtree(check_dir, ignore_errors=True)
 
 
-def _write_info(directory: Path, ckpt: Any, model: Seq2SeqTransformer, decode: dict[str, Any],
-                quantization: str, parity_report: Optional[dict[str, Any]]) -> None:
-    info = {"format": EXPORT_FORMAT, "version": 1, "checkpoint": str(ckpt.path), "step": ckpt.step,
-            "quantization": quantization, "max_positions": model.cfg.max_positions,
-            "joint_vocabulary": Tokenizer.from_state(dict(ckpt.tokenizer)).joint,
-            "model": ckpt.recipe.model.model_dump(), "decode": decode, "parity": parity_report}
+def _write_info(
+    directory: Path,
+    ckpt: Any,
+    model: Seq2SeqTransformer,
+    decode: dict[str, Any],
+    quantization: str,
+    parity_report: Optional[dict[str, Any]],
+) -> None:
+    info = {
+        "format": EXPORT_FORMAT,
+        "version": 1,
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "quantization": quantization,
+        "max_positions": model.cfg.max_positions,
+        "joint_vocabulary": Tokenizer.from_state(dict(ckpt.tokenizer)).joint,
+        "model": ckpt.recipe.model.model_dump(),
+        "decode": decode,
+        "parity": parity_report,
+    }
     (directory / EXPORT_INFO).write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")

@@ -24,10 +24,12 @@ def _child(recipe_path: str, overrides: list[str]) -> dict:
 
     from .pipeline import run_train
     from .recipe import UserError, load_recipe
+
     try:
         return run_train(load_recipe(recipe_path, overrides), progress=False)
     except UserError as exc:
         import os
+
         if os.environ.get("RANK", "0") == "0":  # every rank sees the same recipe and data: say it once
             sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
@@ -51,8 +53,16 @@ def launch_local(recipe_path: Path, overrides: Sequence[str], nproc: int) -> tup
         Tokenizer.load(RunDir(recipe.output_dir).tokenizer)
     except ValueError:
         run_tokenizer(recipe)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"translate-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"translate-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=1,
+    )
     # torch elastic logs a child's non-zero exit with a traceback of its own machinery; the
     # failing rank has already said what went wrong, so keep only our one-line summary.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

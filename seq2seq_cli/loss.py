@@ -39,8 +39,9 @@ def label_smoothed_nll(logits: Tensor, target: Tensor, epsilon: float, pad_id: i
     return loss.sum(), nll.sum(), int(target.numel())
 
 
-def output_layer_loss(hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float, chunk: int = 512
-                      ) -> tuple[Tensor, Tensor, int]:
+def output_layer_loss(
+    hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float, chunk: int = 512
+) -> tuple[Tensor, Tensor, int]:
     """`label_smoothed_nll(hidden @ weight.T, target, epsilon)` without ever holding the (K, V) logits.
 
     The output layer and the loss are computed together over chunks of `chunk` rows, and the
@@ -60,8 +61,14 @@ def output_layer_loss(hidden: Tensor, weight: Tensor, target: Tensor, epsilon: f
 
 class _OutputLayerLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float,  # type: ignore[override]
-                chunk: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        target: Tensor,
+        epsilon: float,  # type: ignore[override]
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
         vocab = weight.size(0)
         eps_i = epsilon / (vocab - 1)
         gold = 1.0 - epsilon - eps_i  # q(y) = gold + eps_i, q(v) = eps_i elsewhere
@@ -71,7 +78,7 @@ class _OutputLayerLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for start in range(0, hidden.size(0), chunk):
-            h, t = hidden[start:start + chunk], target[start:start + chunk]
+            h, t = hidden[start : start + chunk], target[start : start + chunk]
             logits = h @ weight.t()  # (c, V), in the autocast dtype under autocast
             log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
             nll = -log_probs.gather(1, t[:, None]).squeeze(1)  # (c,)
@@ -79,7 +86,7 @@ class _OutputLayerLoss(torch.autograd.Function):
             nll_sum += nll.sum()
             grad = log_probs.exp_().sub_(eps_i)  # p - q, formed in place: (c, V)
             grad[torch.arange(t.numel(), device=t.device), t] -= gold
-            grad_hidden[start:start + chunk] = grad @ weight
+            grad_hidden[start : start + chunk] = grad @ weight
             grad_weight += (grad.t() @ h).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(nll_sum)

@@ -43,7 +43,6 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
     return pe.float()
 
 
-
 class MultiHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d_k) + mask) V over n_heads heads, through SDPA.
 
@@ -67,9 +66,16 @@ class MultiHeadAttention(nn.Module):
         k, v = self.kv_proj(x).chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
-               causal: bool = False, need_weights: bool = False, average_heads: bool = True
-               ) -> tuple[Tensor, Optional[Tensor]]:
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Optional[Tensor] = None,
+        causal: bool = False,
+        need_weights: bool = False,
+        average_heads: bool = True,
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """q (B, T, D) projected here; k, v (B, H, S, Dh); mask broadcastable to (B, H, T, S).
         With need_weights and average_heads=False the weights are per head, (B, H, T, S)."""
         b, t, d = q.shape
@@ -82,8 +88,9 @@ class MultiHeadAttention(nn.Module):
             scores = qh @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, H, T, S)
             if causal:
                 s = k.size(-2)
-                scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t),
-                                            float("-inf"))
+                scores = scores.masked_fill(
+                    ~torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t), float("-inf")
+                )
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.float().softmax(-1).nan_to_num(0.0).to(qh.dtype)  # all-masked rows → 0
@@ -100,8 +107,9 @@ class MultiHeadAttention(nn.Module):
                 # The CPU flash-attention kernel is several times slower in bf16 than in fp32
                 # (measured: backward 6x); the matmuls around it keep their bf16 speed-up.
                 with torch.autocast("cpu", enabled=False):
-                    ctx = F.scaled_dot_product_attention(qh.float(), k.float(), v.float(), attn_mask=mask,
-                                                         dropout_p=p, is_causal=causal).to(qh.dtype)
+                    ctx = F.scaled_dot_product_attention(
+                        qh.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p, is_causal=causal
+                    ).to(qh.dtype)
             else:
                 ctx = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         ctx = ctx.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
@@ -204,21 +212,30 @@ class DecoderLayer(nn.Module):
         x = self.sub1.out(x, self.self_attn.attend(h, k, v, causal=x.size(1) > 1)[0])
         return self._cross_and_ffn(x, cross_kv, src_mask, False, 1)[0]
 
-    def forward_with_attention(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor
-                               ) -> tuple[Tensor, Tensor]:
+    def forward_with_attention(
+        self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """forward() that also returns the per-head cross-attention (B, H, T, S) (alignment, plots)."""
         h = self.sub1.inp(x)
         k, v = self.self_attn.keys_values(h)
         x = self.sub1.out(x, self.self_attn.attend(h, k, v, causal=x.size(1) > 1)[0])
-        ctx, weights = self.cross_attn.attend(self.sub2.inp(x), *cross_kv, mask=src_mask, need_weights=True,
-                                              average_heads=False)
+        ctx, weights = self.cross_attn.attend(
+            self.sub2.inp(x), *cross_kv, mask=src_mask, need_weights=True, average_heads=False
+        )
         x = self.sub2.out(x, ctx)
         assert weights is not None
         return self.sub3.out(x, self.ffn(self.sub3.inp(x))), weights
 
-    def step(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor,
-             cache: Optional[tuple[Tensor, Tensor]], pos: int, need_weights: bool = False, group: int = 1
-             ) -> tuple[Tensor, tuple[Tensor, Tensor], Optional[Tensor]]:
+    def step(
+        self,
+        x: Tensor,
+        cross_kv: tuple[Tensor, Tensor],
+        src_mask: Tensor,
+        cache: Optional[tuple[Tensor, Tensor]],
+        pos: int,
+        need_weights: bool = False,
+        group: int = 1,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], Optional[Tensor]]:
         """One new position `pos` per row: x (N, 1, D). The cache holds the self-attention keys/values
         of positions 0..pos-1 in zero-filled buffers (N, H, C, Dh) of capacity C = cache_capacity(pos);
         this position is written in place and the slots after it are masked. Returns (output, cache,
@@ -231,8 +248,9 @@ class DecoderLayer(nn.Module):
         x, weights = self._cross_and_ffn(x, cross_kv, src_mask, need_weights, group)
         return x, cache, weights
 
-    def _cross_and_ffn(self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor, need_weights: bool,
-                       group: int) -> tuple[Tensor, Optional[Tensor]]:
+    def _cross_and_ffn(
+        self, x: Tensor, cross_kv: tuple[Tensor, Tensor], src_mask: Tensor, need_weights: bool, group: int
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """cross_kv and src_mask have B / group rows: each serves `group` consecutive rows of x, whose
         queries are attended together as one (group * T)-long query sequence."""
         b, t, d = x.shape
@@ -284,7 +302,9 @@ class DecoderState:
         shared = bool((counts == group).all()) and (used.numel() < 2 or bool((used[1:] > used[:-1]).all()))
         if not shared:
             used, group = sources, 1
-        if used.numel() == self.memory_mask.size(0) and bool((used == torch.arange(used.numel(), device=used.device)).all()):
+        if used.numel() == self.memory_mask.size(0) and bool(
+            (used == torch.arange(used.numel(), device=used.device)).all()
+        ):
             cross, mask = self.cross_kv, self.memory_mask  # the same sources: nothing to copy
         else:
             cross, mask = [pick(kv, used) for kv in self.cross_kv], self.memory_mask.index_select(0, used)
@@ -298,15 +318,17 @@ class Seq2SeqTransformer(nn.Module):
     (K, V) for the K positions selected by `keep` (B, T) — the loss never pays for padding.
     """
 
-    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int,
-                 pad_id: int = 0, bos_id: int = 2, eos_id: int = 3) -> None:
+    def __init__(
+        self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int, pad_id: int = 0, bos_id: int = 2, eos_id: int = 3
+    ) -> None:
         super().__init__()
         if cfg.share_embeddings and src_vocab != tgt_vocab:
             raise ValueError("share_embeddings needs one joint vocabulary")
         self.cfg, self.pad_id, self.bos_id, self.eos_id = cfg, pad_id, bos_id, eos_id
         self.tgt_embed = nn.Embedding(tgt_vocab, cfg.d_model, padding_idx=pad_id)
-        self.src_embed = self.tgt_embed if cfg.share_embeddings else nn.Embedding(src_vocab, cfg.d_model,
-                                                                                  padding_idx=pad_id)
+        self.src_embed = (
+            self.tgt_embed if cfg.share_embeddings else nn.Embedding(src_vocab, cfg.d_model, padding_idx=pad_id)
+        )
         if cfg.positions == "learned":
             self.pos_embed: Optional[nn.Embedding] = nn.Embedding(cfg.max_positions, cfg.d_model)
         else:
@@ -330,11 +352,11 @@ class Seq2SeqTransformer(nn.Module):
             elif p.dim() == 1 and name.endswith("bias"):
                 nn.init.zeros_(p)
         for emb in {id(m): m for m in (self.src_embed, self.tgt_embed)}.values():
-            nn.init.normal_(emb.weight, 0.0, self.cfg.d_model ** -0.5)
+            nn.init.normal_(emb.weight, 0.0, self.cfg.d_model**-0.5)
             with torch.no_grad():
                 emb.weight[self.pad_id].zero_()
         if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed.weight, 0.0, self.cfg.d_model ** -0.5)
+            nn.init.normal_(self.pos_embed.weight, 0.0, self.cfg.d_model**-0.5)
 
     def _embed(self, table: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
         """table(ids) * sqrt(d) + PE(offset..offset+T), then dropout. ids (B, T) → (B, T, D)."""
@@ -388,8 +410,9 @@ class Seq2SeqTransformer(nn.Module):
         """Encode src (B, S) and precompute every layer's cross-attention keys/values."""
         return self.start_from(*self.encode(src))
 
-    def step(self, tokens: Tensor, state: DecoderState, need_attention: bool = False
-             ) -> tuple[Tensor, Optional[Tensor]]:
+    def step(
+        self, tokens: Tensor, state: DecoderState, need_attention: bool = False
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """Feed tokens (N,) at position state.step; returns log_probs (N, V) in float32 and,
         if asked, the last decoder layer's head-averaged cross-attention (N, S)."""
         if state.step >= self.cfg.max_positions:
@@ -399,8 +422,9 @@ class Seq2SeqTransformer(nn.Module):
         weights = None
         last = len(self.decoder) - 1
         for i, layer in enumerate(self.decoder):
-            x, state.self_kv[i], w = layer.step(x, state.cross_kv[i], mask, state.self_kv[i], state.step,
-                                                need_attention and i == last, state.group)
+            x, state.self_kv[i], w = layer.step(
+                x, state.cross_kv[i], mask, state.self_kv[i], state.step, need_attention and i == last, state.group
+            )
             if w is not None:
                 weights = w[:, 0, :].float()
         state.step += 1
@@ -414,8 +438,17 @@ class _SkipRandomInit(TorchFunctionMode):
     weight `load_state_dict(strict=True)` overwrites next: drawing ~12M random numbers first
     costs ~0.07 s of start-up for nothing."""
 
-    SKIPPED = frozenset({torch.Tensor.uniform_, torch.Tensor.normal_, nn.init.uniform_, nn.init.normal_,
-                         nn.init.kaiming_uniform_, nn.init.xavier_uniform_, nn.init.trunc_normal_})
+    SKIPPED = frozenset(
+        {
+            torch.Tensor.uniform_,
+            torch.Tensor.normal_,
+            nn.init.uniform_,
+            nn.init.normal_,
+            nn.init.kaiming_uniform_,
+            nn.init.xavier_uniform_,
+            nn.init.trunc_normal_,
+        }
+    )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -424,8 +457,9 @@ class _SkipRandomInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def build_model(cfg: ModelConfig, src_vocab: int, tgt_vocab: int, pad_id: int, bos_id: int,
-                eos_id: int, init: bool = True) -> Seq2SeqTransformer:
+def build_model(
+    cfg: ModelConfig, src_vocab: int, tgt_vocab: int, pad_id: int, bos_id: int, eos_id: int, init: bool = True
+) -> Seq2SeqTransformer:
     """The one constructor used by training, checkpoint loading and tests.
 
     init=False leaves the parameters' values undefined (for a caller that loads all of them next).

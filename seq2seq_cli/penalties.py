@@ -18,8 +18,14 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["gnmt_length_penalty", "power_length_penalty", "length_penalty", "coverage_penalty", "rescore",
-           "COVERAGE_FLOOR"]
+__all__ = [
+    "gnmt_length_penalty",
+    "power_length_penalty",
+    "length_penalty",
+    "coverage_penalty",
+    "rescore",
+    "COVERAGE_FLOOR",
+]
 
 COVERAGE_FLOOR = 1e-10
 """Coverage is clamped to at least this before the log, so a real source token that received no
@@ -68,8 +74,15 @@ def coverage_penalty(coverage: Tensor, src_mask: Tensor, beta: float) -> Tensor:
     return beta * per_position.sum(dim=-1)  # (N,)
 
 
-def rescore(sum_log_prob: Tensor, length: Tensor, coverage: Optional[Tensor], src_mask: Optional[Tensor],
-            alpha: float, beta: float, kind: LengthPenaltyKind = "gnmt") -> Tensor:
+def rescore(
+    sum_log_prob: Tensor,
+    length: Tensor,
+    coverage: Optional[Tensor],
+    src_mask: Optional[Tensor],
+    alpha: float,
+    beta: float,
+    kind: LengthPenaltyKind = "gnmt",
+) -> Tensor:
     """Final ranking score: s(Y, X) = log P(Y|X) / lp(Y) + cp(X; Y).
 
     sum_log_prob: (N,) summed token log-probabilities (EOS included); length: (N,) |Y| incl. EOS;

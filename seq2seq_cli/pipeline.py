@@ -51,11 +51,15 @@ def run_tokenizer(recipe: Recipe) -> dict[str, Any]:
     out = RunDir(recipe.output_dir).tokenizer
     tok = train_tokenizer(recipe.tokenizer, text.src, text.tgt, out)
     sample_src, sample_tgt = text.src[:20000], text.tgt[:20000]
-    report = {"tokenizer": str(out), "joint": tok.joint, "src_vocab_size": tok.src_vocab_size,
-              "tgt_vocab_size": tok.tgt_vocab_size,
-              "src_pieces_per_sentence": round(tok.pieces_per_sentence(sample_src, "src"), 2),
-              "tgt_pieces_per_sentence": round(tok.pieces_per_sentence(sample_tgt, "tgt"), 2),
-              "blank_pairs_skipped": text.blank_pairs}
+    report = {
+        "tokenizer": str(out),
+        "joint": tok.joint,
+        "src_vocab_size": tok.src_vocab_size,
+        "tgt_vocab_size": tok.tgt_vocab_size,
+        "src_pieces_per_sentence": round(tok.pieces_per_sentence(sample_src, "src"), 2),
+        "tgt_pieces_per_sentence": round(tok.pieces_per_sentence(sample_tgt, "tgt"), 2),
+        "blank_pairs_skipped": text.blank_pairs,
+    }
     log.info("tokenizer: %s", report)
     return report
 
@@ -103,8 +107,17 @@ def run_decode_test(recipe: Recipe) -> dict[str, Any]:
     src.write_text("".join(x + "\n" for x in read_split(test, keep_blank=True).src), encoding="utf-8")
     ckpt = best_checkpoint(recipe)
     # keys the recipe gives explicitly rank above the checkpoint's stored (maybe tuned) settings
-    stats = run_decode([ckpt], str(src), str(out), {}, False, recipe.train.device, recipe.train.threads,
-                       recipe.data.encoding_errors, recipe=recipe.decode)
+    stats = run_decode(
+        [ckpt],
+        str(src),
+        str(out),
+        {},
+        False,
+        recipe.train.device,
+        recipe.train.threads,
+        recipe.data.encoding_errors,
+        recipe=recipe.decode,
+    )
     settings = stats.config.model_dump(mode="json") if stats.config is not None else {}
     return {"checkpoint": str(ckpt), "hypotheses": str(out), "lines": stats.lines, "decode": settings}
 
@@ -133,14 +146,28 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
     done: dict[str, str] = {} if force or not state_file.exists() else json.loads(state_file.read_text())
     d = recipe.data
     fp_tok = _digest([recipe.tokenizer.model_dump(mode="json"), d.encoding_errors], _split_files(d.train))
-    fp_train = _digest([fp_tok, recipe.model.model_dump(mode="json"), recipe.train.model_dump(mode="json"),
-                        recipe.seed, d.model_dump(mode="json", exclude={"test"})],
-                       _split_files(d.dev) + _split_files(d.replay))
+    fp_train = _digest(
+        [
+            fp_tok,
+            recipe.model.model_dump(mode="json"),
+            recipe.train.model_dump(mode="json"),
+            recipe.seed,
+            d.model_dump(mode="json", exclude={"test"}),
+        ],
+        _split_files(d.dev) + _split_files(d.replay),
+    )
 
     def fp_dec() -> str:  # after training: the model file's content and stored (tuned) settings count too
         ckpt = load_checkpoint(best_checkpoint(recipe), mmap=True)
-        return _digest([fp_train, recipe.decode.model_dump(mode="json"), content_hash(ckpt.weights, ckpt.tokenizer),
-                        ckpt.decode.model_dump(mode="json")], _split_files(d.test)[:1])
+        return _digest(
+            [
+                fp_train,
+                recipe.decode.model_dump(mode="json"),
+                content_hash(ckpt.weights, ckpt.tokenizer),
+                ckpt.decode.model_dump(mode="json"),
+            ],
+            _split_files(d.test)[:1],
+        )
 
     stages: list[tuple[str, Callable[[], str], Callable[[], Any]]] = [
         ("tokenizer", lambda: fp_tok, lambda: run_tokenizer(recipe)),
@@ -152,8 +179,10 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
         results["tokenizer"] = "skipped: train.init_from, the parent's tokenizer"
         log.info("stage tokenizer: skipped (train.init_from: the parent's tokenizer is used)")
     if d.test is not None:
-        stages += [("decode", fp_dec, lambda: run_decode_test(recipe)),
-                   ("score", lambda: _digest([done["decode"]], _split_files(d.test)), lambda: run_score_test(recipe))]
+        stages += [
+            ("decode", fp_dec, lambda: run_decode_test(recipe)),
+            ("score", lambda: _digest([done["decode"]], _split_files(d.test)), lambda: run_score_test(recipe)),
+        ]
     for name, fingerprint, fn in stages:
         fp = fingerprint()
         if done.get(name) == fp:

@@ -38,11 +38,13 @@ def _pyplot():
         raise UserError('drawing pictures needs matplotlib: pip install -e ".[plot]"') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
-def attention_map(translator, sentence: str, layer: Optional[int] = None, head: Optional[int] = None,
-                  opts=None) -> tuple[list[str], list[str], Any]:
+def attention_map(
+    translator, sentence: str, layer: Optional[int] = None, head: Optional[int] = None, opts=None
+) -> tuple[list[str], list[str], Any]:
     """(source pieces, target pieces, attention (T, S) as a tensor) for one sentence."""
     import torch
 
@@ -140,18 +142,23 @@ def save_curves_png(runs: Sequence[Path], out: Path) -> list[dict]:
     plt = _pyplot()
     data = [read_metrics(Path(r)) for r in runs]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex="row")
-    panels = (("train", "loss", "train loss (label-smoothed)"), ("valid", "dev_nll", "dev loss (NLL/token)"),
-              ("valid", "bleu", "dev BLEU"))
+    panels = (
+        ("train", "loss", "train loss (label-smoothed)"),
+        ("valid", "dev_nll", "dev loss (NLL/token)"),
+        ("valid", "bleu", "dev BLEU"),
+    )
     for row, xkey, xlabel in ((0, "step", "step"), (1, "minutes", "wall-clock minutes")):
         for col, (kind, ykey, ylabel) in enumerate(panels):
             ax = axes[row][col]
             for i, (label, train, valid) in enumerate(data):
-                pts = [(r[xkey], r[ykey]) for r in (train if kind == "train" else valid)
-                       if xkey in r and r.get(ykey) is not None]
+                pts = [
+                    (r[xkey], r[ykey])
+                    for r in (train if kind == "train" else valid)
+                    if xkey in r and r.get(ykey) is not None
+                ]
                 if pts:
                     xs, ys = zip(*pts)
-                    ax.plot(xs, ys, marker="o" if kind == "valid" else None, markersize=3, label=label,
-                            color=f"C{i}")
+                    ax.plot(xs, ys, marker="o" if kind == "valid" else None, markersize=3, label=label, color=f"C{i}")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
@@ -160,6 +167,11 @@ def save_curves_png(runs: Sequence[Path], out: Path) -> list[dict]:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return [{"run": label, "last_step": train[-1]["step"] if train else None,
-             "best_bleu": max((v.get("bleu", float("nan")) for v in valid), default=None)}
-            for label, train, valid in data]
+    return [
+        {
+            "run": label,
+            "last_step": train[-1]["step"] if train else None,
+            "best_bleu": max((v.get("bleu", float("nan")) for v in valid), default=None),
+        }
+        for label, train, valid in data
+    ]

@@ -74,8 +74,17 @@ def cpu_info() -> CpuInfo:
     import os
 
     text = _cpuinfo_text()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                  if line.lower().startswith(("model name", "cpu model", "hardware"))), "") or platform.processor()
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in text.splitlines()
+                if line.lower().startswith(("model name", "cpu model", "hardware"))
+            ),
+            "",
+        )
+        or platform.processor()
+    )
     words = set()
     for line in text.splitlines():
         if line.lower().startswith(("flags", "features")):
@@ -92,11 +101,13 @@ def native_bf16() -> bool:
     ONEDNN_MAX_CPU_ISA=AVX2 (then bf16 would be emulated).
     """
     cpu = getattr(torch, "cpu", None)
-    hardware = any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
-                                                                           "_is_amx_tile_supported"))
+    hardware = any(
+        bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
     if not hardware and platform.machine().lower() in ("aarch64", "arm64"):
-        hardware = any(line.lower().startswith("features") and "bf16" in line.split()
-                       for line in _cpuinfo_text().splitlines())
+        hardware = any(
+            line.lower().startswith("features") and "bf16" in line.split() for line in _cpuinfo_text().splitlines()
+        )
     if not hardware:
         return False
     try:
@@ -106,8 +117,9 @@ def native_bf16() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def resolve_precision(requested: str, device_type: str, purpose: Purpose, cuda_capability: tuple[int, int] = (0, 0)
-                      ) -> str:
+def resolve_precision(
+    requested: str, device_type: str, purpose: Purpose, cuda_capability: tuple[int, int] = (0, 0)
+) -> str:
     """The precision to compute in: `requested` unless it is "auto" (then by the table above).
 
     Logged once per (request, device, purpose): the choice and why. An explicit bf16 on a CPU
@@ -118,9 +130,11 @@ def resolve_precision(requested: str, device_type: str, purpose: Purpose, cuda_c
         return "fp32"
     if requested == "auto":
         if device_type == "cuda":
-            chosen, why = ("bf16", f"CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} >= 8.0") \
-                if cuda_capability >= (8, 0) else ("fp16", f"CUDA compute capability "
-                                                           f"{cuda_capability[0]}.{cuda_capability[1]} < 8.0")
+            chosen, why = (
+                ("bf16", f"CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} >= 8.0")
+                if cuda_capability >= (8, 0)
+                else ("fp16", f"CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} < 8.0")
+            )
         elif device_type == "cpu" and native_bf16():
             chosen, why = "bf16", f"CPU has native bf16 ({cpu_info().describe()})"
         else:
@@ -128,6 +142,9 @@ def resolve_precision(requested: str, device_type: str, purpose: Purpose, cuda_c
         log.info("precision auto -> %s for %s: %s", chosen, "training" if purpose == "train" else "decoding", why)
         return chosen
     if requested == "bf16" and device_type == "cpu" and not native_bf16():
-        log.warning("precision bf16 on a CPU without native bf16 (%s): bf16 is emulated there, typically "
-                    "~50x slower than fp32; precision auto would choose fp32", cpu_info().describe())
+        log.warning(
+            "precision bf16 on a CPU without native bf16 (%s): bf16 is emulated there, typically "
+            "~50x slower than fp32; precision auto would choose fp32",
+            cpu_info().describe(),
+        )
     return requested

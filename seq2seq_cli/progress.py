@@ -19,9 +19,16 @@ class TrainProgress:
         """enabled: draw the live bar; lines: print one line per log record where no bar is drawn."""
         self.cfg, self.enabled, self.lines = cfg, enabled, lines
         self.console = Console(stderr=True)
-        self.bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.fields[info]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-                            disable=not enabled, transient=False)
+        self.bar = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not enabled,
+            transient=False,
+        )
         self.info = {"loss": "-", "lr": "-", "tok/s": "-"}
 
     def __enter__(self) -> "TrainProgress":
@@ -36,12 +43,16 @@ class TrainProgress:
     def train_record(self, rec: dict) -> None:
         self.info = {"loss": f"{rec['loss']:.3f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
         if self.lines and (not self.enabled or not self.console.is_terminal):  # no live bar: one line per record
-            self.console.print(f"step {rec['step']} epoch {rec['epoch']} loss {rec['loss']:.4f} ppl {rec['ppl']:.2f} "
-                               f"lr {rec['lr']:.3e} tok/s {rec['tokens_per_s']:.0f}")
+            self.console.print(
+                f"step {rec['step']} epoch {rec['epoch']} loss {rec['loss']:.4f} ppl {rec['ppl']:.2f} "
+                f"lr {rec['lr']:.3e} tok/s {rec['tokens_per_s']:.0f}"
+            )
 
     def update(self, pos: Any) -> None:
-        text = (f"step {pos.step} | epoch {pos.epoch + 1} | loss {self.info['loss']} | lr {self.info['lr']} | "
-                f"tok/s {self.info['tok/s']} | {pos.seconds / 60:.1f} min")
+        text = (
+            f"step {pos.step} | epoch {pos.epoch + 1} | loss {self.info['loss']} | lr {self.info['lr']} | "
+            f"tok/s {self.info['tok/s']} | {pos.seconds / 60:.1f} min"
+        )
         if self.cfg.max_steps:
             self.bar.update(self.task, completed=pos.step, info=text)
         elif self.cfg.max_time:

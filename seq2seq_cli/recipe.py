@@ -19,8 +19,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 __all__ = [
-    "UserError", "RecipeError", "Split", "ReplaySplit", "DataConfig", "TokenizerConfig", "ModelConfig", "TrainConfig",
-    "DecodeConfig", "Recipe", "resolve_decode", "load_recipe", "recipe_from_dict", "dump_recipe", "parse_override", "check_data_files",
+    "UserError",
+    "RecipeError",
+    "Split",
+    "ReplaySplit",
+    "DataConfig",
+    "TokenizerConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "DecodeConfig",
+    "Recipe",
+    "resolve_decode",
+    "load_recipe",
+    "recipe_from_dict",
+    "dump_recipe",
+    "parse_override",
+    "check_data_files",
 ]
 
 
@@ -57,8 +71,13 @@ class Split(_Strict):
 class ReplaySplit(Split):
     """Pairs of another corpus (typically the parent model's) mixed into training to limit forgetting."""
 
-    ratio: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the training pairs drawn from this corpus "
-                                                          "(sampled without replacement with the recipe seed)")
+    ratio: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="fraction of the training pairs drawn from this corpus "
+        "(sampled without replacement with the recipe seed)",
+    )
 
 
 class DataConfig(_Strict):
@@ -73,7 +92,8 @@ class DataConfig(_Strict):
     max_len: int = Field(256, ge=4, description="training pairs longer than this (in pieces) are dropped")
     max_len_ratio: float = Field(0.0, ge=0.0, description="drop pairs whose length ratio exceeds this (0 = off)")
     encoding_errors: Literal["strict", "replace"] = Field(
-        "strict", description="'strict': non-UTF-8 bytes are an error; 'replace': replaced by U+FFFD and counted")
+        "strict", description="'strict': non-UTF-8 bytes are an error; 'replace': replaced by U+FFFD and counted"
+    )
 
 
 class TokenizerConfig(_Strict):
@@ -128,13 +148,16 @@ class TrainConfig(_Strict):
     lr_factor: float = Field(2.0, gt=0.0, description="noam: lr = factor * d^-0.5 * min(s^-0.5, s*w^-1.5)")
     peak_lr: float = Field(5e-4, gt=0.0, description="inverse_sqrt, budget: the lr reached at the end of warmup")
     warmup_steps: int = Field(4000, ge=1, description="noam, inverse_sqrt: warm-up length in updates")
-    warmup_fraction: float = Field(0.1, gt=0.0, lt=1.0,
-                                   description="budget: warm-up length as a fraction of the training budget")
+    warmup_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="budget: warm-up length as a fraction of the training budget"
+    )
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     clip_norm: float = Field(0.0, ge=0.0, description="0 = no clipping")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = the fastest native on the device (precision.py): bf16 on CPUs with native bf16 "
-                            "and CUDA >= 8.0, fp16 on older CUDA, else fp32")
+        "auto",
+        description="auto = the fastest native on the device (precision.py): bf16 on CPUs with native bf16 "
+        "and CUDA >= 8.0, fp16 on older CUDA, else fp32",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads (0 = all cores)")
     log_every: int = Field(50, ge=1)
@@ -145,10 +168,14 @@ class TrainConfig(_Strict):
     patience: int = Field(0, ge=0, description="stop after this many validations without improvement (0 = off)")
     keep_last: int = Field(3, ge=1)
     average_last: int = Field(0, ge=0, description="average the last N checkpoints into average.pt (0 = off)")
-    init_from: Optional[Path] = Field(None, description="fine-tune: start from this checkpoint's weights, tokenizer "
-                                                        "and model shape (used only while the run has no last.pt)")
+    init_from: Optional[Path] = Field(
+        None,
+        description="fine-tune: start from this checkpoint's weights, tokenizer "
+        "and model shape (used only while the run has no last.pt)",
+    )
     freeze: list[Literal["embeddings", "encoder", "decoder"]] = Field(
-        default_factory=list, description="parameter groups not trained (embeddings includes a tied output layer)")
+        default_factory=list, description="parameter groups not trained (embeddings includes a tied output layer)"
+    )
 
 
 class DecodeConfig(_Strict):
@@ -168,22 +195,34 @@ class DecodeConfig(_Strict):
     max_len_a: float = Field(1.5, ge=0.0)
     max_len_b: int = Field(10, ge=0)
     no_repeat_ngram: int = Field(0, ge=0)
-    repeat_guard: int = Field(0, ge=0, description="forbid a token that would repeat one n-gram (n <= 8 "
-                                                   "pieces) this many times in a row (0 = off)")
+    repeat_guard: int = Field(
+        0,
+        ge=0,
+        description="forbid a token that would repeat one n-gram (n <= 8 pieces) this many times in a row (0 = off)",
+    )
     sample: bool = False
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0 = greedy (argmax)")
     seed: int = 0
-    stop_early: bool = Field(True, description="a sentence is done once it has `beam` finished hypotheses "
-                                               "(fairseq); false: only when no open one can still win")
+    stop_early: bool = Field(
+        True,
+        description="a sentence is done once it has `beam` finished hypotheses "
+        "(fairseq); false: only when no open one can still win",
+    )
     batch_tokens: int = Field(4096, ge=16)
-    workers: int = Field(0, ge=0, description="batches searched at once, one thread each, sharing the CPU threads "
-                                              "(0 = one per thread, at most 4); speed only")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="batches searched at once, one thread each, sharing the CPU threads "
+        "(0 = one per thread, at most 4); speed only",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
-        "auto", description="auto = bf16 where native (CPU with AVX512_BF16/AMX, CUDA >= 8.0), fp16 on older CUDA, "
-                            "else fp32; bf16/fp16 autocast; int8 = dynamically quantised linear layers (CPU, "
-                            "not batch-invariant, never chosen by auto)")
+        "auto",
+        description="auto = bf16 where native (CPU with AVX512_BF16/AMX, CUDA >= 8.0), fp16 on older CUDA, "
+        "else fp32; bf16/fp16 autocast; int8 = dynamically quantised linear layers (CPU, "
+        "not batch-invariant, never chosen by auto)",
+    )
 
     @model_validator(mode="after")
     def _n_best_fits(self) -> "DecodeConfig":
@@ -209,22 +248,27 @@ class Recipe(_Strict):
             raise ValueError("model.share_embeddings needs tokenizer.joint: true (or set it to false)")
         stored = bool((info.context or {}).get("stored"))  # a checkpoint's recipe: its budgets are history
         if not stored and not (self.train.max_steps or self.train.max_epochs or self.train.max_time):
-            raise ValueError("train.max_steps, train.max_epochs and train.max_time are all 0: training would never "
-                             "stop; set at least one of them")
+            raise ValueError(
+                "train.max_steps, train.max_epochs and train.max_time are all 0: training would never "
+                "stop; set at least one of them"
+            )
         if len(set(self.train.freeze)) == 3:
             raise ValueError("train.freeze: freezing embeddings, encoder and decoder leaves nothing to train")
         if self.train.schedule == "budget" and not (self.train.max_steps or self.train.max_time):
             raise ValueError("train.schedule budget needs a budget to fit: set train.max_steps or train.max_time")
         if self.data.max_len > self.model.max_positions:
-            raise ValueError(f"data.max_len ({self.data.max_len}) must not exceed model.max_positions "
-                             f"({self.model.max_positions})")
+            raise ValueError(
+                f"data.max_len ({self.data.max_len}) must not exceed model.max_positions ({self.model.max_positions})"
+            )
         return self
 
 
 # ---------------------------------------------------------------------------------------- decoding settings
 
-def resolve_decode(stored: DecodeConfig, recipe: Optional[DecodeConfig] = None,
-                   options: Optional[dict[str, Any]] = None) -> DecodeConfig:
+
+def resolve_decode(
+    stored: DecodeConfig, recipe: Optional[DecodeConfig] = None, options: Optional[dict[str, Any]] = None
+) -> DecodeConfig:
     """The decoding settings to use, validated once as a whole.
 
     Precedence, highest first: command-line `options` (None = not given) > keys the recipe gives
@@ -240,16 +284,22 @@ def resolve_decode(stored: DecodeConfig, recipe: Optional[DecodeConfig] = None,
     try:
         return DecodeConfig.model_validate({**stored.model_dump(), **explicit, **given})
     except ValidationError as exc:
+
         def name(err: dict) -> str:
             key = str(err["loc"][0]) if err["loc"] else ""
             return f"--{key.replace('_', '-')}" if key in given else f"decode.{key}" if key else "decode"
 
-        raise RecipeError("; ".join(
-            f"{name(e)}: {e['msg'].removeprefix('Value error, ')}"
-            + ("" if e["type"] == "value_error" else f" (got {e.get('input')!r})") for e in exc.errors())) from None
+        raise RecipeError(
+            "; ".join(
+                f"{name(e)}: {e['msg'].removeprefix('Value error, ')}"
+                + ("" if e["type"] == "value_error" else f" (got {e.get('input')!r})")
+                for e in exc.errors()
+            )
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- loading
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split 'a.b.c=value' into (['a','b','c'], value), the value parsed as YAML."""
@@ -299,8 +349,9 @@ def _describe(err: dict, source: str) -> str:
     return f"{source}: {path}: {msg}{got}"
 
 
-def recipe_from_dict(tree: dict, source: str = "<recipe>", base_dir: Path | None = None,
-                     stored: bool = False) -> Recipe:
+def recipe_from_dict(
+    tree: dict, source: str = "<recipe>", base_dir: Path | None = None, stored: bool = False
+) -> Recipe:
     """Validate a plain dict; relative paths are resolved against base_dir.
 
     stored=True: the recipe kept in a checkpoint, which is read even if it would no longer be
@@ -320,8 +371,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     def fix_split(s: Optional[Split]) -> Optional[Split]:
         if s is None:
             return None
-        return s.model_copy(update={"src": fix(s.src), "tgt": fix(s.tgt), "tsv": fix(s.tsv),
-                                    "refs": [fix(r) for r in s.refs]})
+        return s.model_copy(
+            update={"src": fix(s.src), "tgt": fix(s.tgt), "tsv": fix(s.tsv), "refs": [fix(r) for r in s.refs]}
+        )
 
     splits = ("train", "replay", "dev", "test")
     data = recipe.data.model_copy(update={k: fix_split(getattr(recipe.data, k)) for k in splits})

@@ -31,7 +31,7 @@ def noam_lr(step: int, d_model: int, warmup: int, factor: float) -> float:
     as step^-0.5. Steps count from 1 (the first update); step 0 is treated as step 1.
     """
     step = max(step, 1)
-    return factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+    return factor * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
 
 
 def inverse_sqrt_lr(step: int, warmup: int, peak_lr: float) -> float:
@@ -71,8 +71,9 @@ def lr_at(step: int, cfg: TrainConfig, d_model: int, seconds: float = 0.0) -> fl
     return inverse_sqrt_lr(step, cfg.warmup_steps, cfg.peak_lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, d_model: int,
-                   seconds: Optional[Callable[[], float]] = None) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, d_model: int, seconds: Optional[Callable[[], float]] = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over base lr 1.0: after k scheduler steps the lr is lr_at(k + 1, seconds()).
 
     `seconds()` is the run's training time so far (the budget schedule reads it)."""

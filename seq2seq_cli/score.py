@@ -18,8 +18,16 @@ from sacrebleu.significance import PairedTest
 
 from .recipe import UserError
 
-__all__ = ["METRICS", "MetricResult", "ScoreError", "check_same_length", "corpus_scores", "dev_scores", "sentence_scores",
-           "paired_bootstrap"]
+__all__ = [
+    "METRICS",
+    "MetricResult",
+    "ScoreError",
+    "check_same_length",
+    "corpus_scores",
+    "dev_scores",
+    "sentence_scores",
+    "paired_bootstrap",
+]
 
 METRICS = ("bleu", "chrf", "ter")
 
@@ -51,15 +59,16 @@ def _metric(name: str, sentence_level: bool = False) -> Metric:
     raise ScoreError(f"unknown metric {name!r}: choose from {', '.join(METRICS)}")
 
 
-def check_same_length(hyps: Sequence[str], refs: Sequence[Sequence[str]],
-                      names: Optional[Sequence[str]] = None) -> None:
+def check_same_length(
+    hyps: Sequence[str], refs: Sequence[Sequence[str]], names: Optional[Sequence[str]] = None
+) -> None:
     """Raise ScoreError unless every reference stream has as many lines as hyps.
 
     names[0] names the hypotheses, names[1 + k] the k-th reference stream (e.g. file names);
     the message reads like 'refs.txt has 1535 lines but hyp.txt has 1534'.
     """
     default = ["hypotheses"] + [f"reference {k + 1}" for k in range(len(refs))]
-    names = list(names or []) + default[len(names or []):]
+    names = list(names or []) + default[len(names or []) :]
     if not refs:
         raise ScoreError("no reference given")
     if not hyps:
@@ -69,8 +78,7 @@ def check_same_length(hyps: Sequence[str], refs: Sequence[Sequence[str]],
             raise ScoreError(f"{names[k + 1]} has {len(stream)} lines but {names[0]} has {len(hyps)}")
 
 
-def corpus_scores(hyps: list[str], refs: list[list[str]],
-                  metrics: Sequence[str] = METRICS) -> list[MetricResult]:
+def corpus_scores(hyps: list[str], refs: list[list[str]], metrics: Sequence[str] = METRICS) -> list[MetricResult]:
     """Corpus-level scores, in the order of `metrics` (each one of 'bleu', 'chrf', 'ter')."""
     check_same_length(hyps, refs)
     results = []
@@ -81,8 +89,9 @@ def corpus_scores(hyps: list[str], refs: list[list[str]],
     return results
 
 
-def dev_scores(system: Sequence[str], refs: Sequence[str], metrics: Sequence[str] = ("bleu", "chrf")
-               ) -> dict[str, float]:
+def dev_scores(
+    system: Sequence[str], refs: Sequence[str], metrics: Sequence[str] = ("bleu", "chrf")
+) -> dict[str, float]:
     """{metric: corpus score} of one system output against one reference stream (validation, tuning)."""
     return {name: r.score for name, r in zip(metrics, corpus_scores(list(system), [list(refs)], metrics))}
 
@@ -108,8 +117,14 @@ def _sacrebleu_seed(seed: int) -> Iterator[None]:
             os.environ["SACREBLEU_SEED"] = old
 
 
-def paired_bootstrap(baseline_hyps: list[str], system_hyps: list[str], refs: list[list[str]],
-                     metric: str = "bleu", n_samples: int = 1000, seed: int = 12345) -> dict:
+def paired_bootstrap(
+    baseline_hyps: list[str],
+    system_hyps: list[str],
+    refs: list[list[str]],
+    metric: str = "bleu",
+    n_samples: int = 1000,
+    seed: int = 12345,
+) -> dict:
     """Paired bootstrap resampling (Koehn 2004) via sacrebleu's PairedTest(test_type='bs').
 
     Resample the test set n_samples times (same indices for both systems); with
@@ -125,10 +140,15 @@ def paired_bootstrap(baseline_hyps: list[str], system_hyps: list[str], refs: lis
         raise ScoreError(f"paired bootstrap needs seed >= 1 and n_samples >= 1 (got {seed}, {n_samples})")
     scorer = _metric(metric)
     with _sacrebleu_seed(seed):
-        test = PairedTest([("baseline", list(baseline_hyps)), ("system", list(system_hyps))],
-                          {metric: scorer}, [list(r) for r in refs], test_type="bs", n_samples=n_samples)
+        test = PairedTest(
+            [("baseline", list(baseline_hyps)), ("system", list(system_hyps))],
+            {metric: scorer},
+            [list(r) for r in refs],
+            test_type="bs",
+            n_samples=n_samples,
+        )
         signatures, table = test()
-    (name, (base, system)), = ((k, v) for k, v in table.items() if k != "System")
+    ((name, (base, system)),) = ((k, v) for k, v in table.items() if k != "System")
 
     # sacrebleu counts resamples with centred |diff| strictly above the observed one, so two systems
     # with equal scores get p = 1 / (n + 1) ("significant"); no observed difference means p = 1.
@@ -138,8 +158,15 @@ def paired_bootstrap(baseline_hyps: list[str], system_hyps: list[str], refs: lis
         return (float(r.mean - r.ci), float(r.mean + r.ci))
 
     return {
-        "metric": name, "baseline": float(base.score), "baseline_ci95": interval(base),
-        "system": float(system.score), "system_mean": float(system.mean), "system_ci95": interval(system),
-        "p_value": p_value, "significant": p_value < 0.05,
-        "n_samples": n_samples, "seed": seed, "signature": str(signatures[name]),
+        "metric": name,
+        "baseline": float(base.score),
+        "baseline_ci95": interval(base),
+        "system": float(system.score),
+        "system_mean": float(system.mean),
+        "system_ci95": interval(system),
+        "p_value": p_value,
+        "significant": p_value < 0.05,
+        "n_samples": n_samples,
+        "seed": seed,
+        "signature": str(signatures[name]),
     }

@@ -42,8 +42,19 @@ from .data import length_batches, pad_rows
 from .penalties import length_penalty, rescore
 from .recipe import DecodeConfig
 
-__all__ = ["Seq2SeqDecoder", "Hypothesis", "translate_ids", "batch_by_tokens", "greedy_search", "beam_search", "sample",
-           "search", "top_k_top_p_filter", "Ensemble", "EnsembleState"]
+__all__ = [
+    "Seq2SeqDecoder",
+    "Hypothesis",
+    "translate_ids",
+    "batch_by_tokens",
+    "greedy_search",
+    "beam_search",
+    "sample",
+    "search",
+    "top_k_top_p_filter",
+    "Ensemble",
+    "EnsembleState",
+]
 
 NEG_INF = float("-inf")
 REPEAT_GUARD_MAX_N = 8
@@ -75,8 +86,11 @@ class Seq2SeqDecoder(Protocol):
 
     def start(self, src: Tensor) -> DecoderStateLike: ...  # src (B, S) → a state with B rows
 
-    def step(self, tokens: Tensor, state: Any, need_attention: bool) -> tuple[Tensor, Optional[Tensor]]:
-        ...  # tokens (N,) → log_probs (N, V), attention (N, S) or None; advances `state`
+    def step(
+        self, tokens: Tensor, state: Any, need_attention: bool
+    ) -> tuple[
+        Tensor, Optional[Tensor]
+    ]: ...  # tokens (N,) → log_probs (N, V), attention (N, S) or None; advances `state`
 
 
 @dataclass
@@ -92,8 +106,10 @@ class Hypothesis:
 
 # ------------------------------------------------------------------------------ shared steps
 
-def _max_lengths(src_mask: Tensor, opts: DecodeConfig, model: Seq2SeqDecoder,
-                 at_least: Optional[Tensor] = None) -> Tensor:
+
+def _max_lengths(
+    src_mask: Tensor, opts: DecodeConfig, model: Seq2SeqDecoder, at_least: Optional[Tensor] = None
+) -> Tensor:
     """(N,) max_len = min(int(max_len_a * |X| + max_len_b), max_positions - 1) per row, raised to
     at_least (N,) (the forced prefix lengths, which are cut to max_positions - 1)."""
     cap = model.cfg.max_positions - 1
@@ -119,8 +135,9 @@ class _Prefixes:
         return self.tokens[sent, t] if t < self.width else None
 
 
-def _make_prefixes(prefixes: Optional[Sequence[Sequence[int]]], model: Seq2SeqDecoder, src: Tensor
-                   ) -> Optional[_Prefixes]:
+def _make_prefixes(
+    prefixes: Optional[Sequence[Sequence[int]]], model: Seq2SeqDecoder, src: Tensor
+) -> Optional[_Prefixes]:
     if prefixes is None or not any(len(p) for p in prefixes):
         return None
     if len(prefixes) != src.size(0):
@@ -141,7 +158,7 @@ def _guard_repeats(log_probs: Tensor, history: Tensor, k: int) -> Tensor:
         span = k * n - 1
         if span > t:
             break
-        tail = history[:, t - span:]  # (N, span)
+        tail = history[:, t - span :]  # (N, span)
         if span > n:
             periodic = (tail[:, :-n] == tail[:, n:]).all(1)  # (N,)
         else:  # k = 1 never gets here; k*n - 1 == n only for k = 2, n = 1: "a" + "a" repeats
@@ -161,14 +178,20 @@ def _ban_repeats(log_probs: Tensor, history: Tensor, n: int) -> Tensor:
     if n <= 0 or t < n:
         return log_probs
     grams = history.unfold(1, n, 1)  # (N, t-n+1, n)
-    prefix = history[:, t - n + 1:]  # (N, n-1): the n-1 latest tokens
+    prefix = history[:, t - n + 1 :]  # (N, n-1): the n-1 latest tokens
     match = (grams[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, t-n+1)
     banned = torch.zeros_like(log_probs).scatter_add_(1, grams[:, :, -1], match.float())  # (N, V)
     return log_probs.masked_fill_(banned > 0, NEG_INF)
 
 
-def _constrain(log_probs: Tensor, history: Tensor, max_len: Tensor, opts: DecodeConfig,
-               model: Seq2SeqDecoder, forced: Optional[Tensor] = None) -> Tensor:
+def _constrain(
+    log_probs: Tensor,
+    history: Tensor,
+    max_len: Tensor,
+    opts: DecodeConfig,
+    model: Seq2SeqDecoder,
+    forced: Optional[Tensor] = None,
+) -> Tensor:
     """Apply the generation rules at step t = history.size(1) to log_probs (N, V), in place:
     no PAD/BOS; no EOS while t < min_len; no repeated n-gram; no k-fold tandem repeat; only EOS
     once t >= max_len (N,); then, where forced (N,) is >= 0, only the forced prefix token (with
@@ -210,27 +233,37 @@ def _accumulate(coverage: Optional[Tensor], attn: Optional[Tensor]) -> Optional[
     return coverage + attn
 
 
-def _hypotheses(history: Tensor, sum_log_prob: Tensor, coverage: Optional[Tensor], src_mask: Tensor,
-                opts: DecodeConfig) -> list[Hypothesis]:
+def _hypotheses(
+    history: Tensor, sum_log_prob: Tensor, coverage: Optional[Tensor], src_mask: Tensor, opts: DecodeConfig
+) -> list[Hypothesis]:
     """Rows that just emitted EOS → Hypothesis; history (F, t) excludes EOS, so |Y| = t + 1."""
     length = torch.full_like(sum_log_prob, history.size(1) + 1)  # (F,)
     scores = rescore(sum_log_prob, length, coverage, src_mask, opts.alpha, opts.beta, opts.length_penalty)
-    return [Hypothesis(tokens, score, lp)
-            for tokens, score, lp in zip(history.tolist(), scores.tolist(), sum_log_prob.tolist())]
+    return [
+        Hypothesis(tokens, score, lp)
+        for tokens, score, lp in zip(history.tolist(), scores.tolist(), sum_log_prob.tolist())
+    ]
 
 
 def _best_first(finished: list[list[Hypothesis]], n: int) -> list[list[Hypothesis]]:
     """The n best hypotheses per sentence: fewest unmet constraints first, then by final score
     (stable: ties keep discovery order)."""
-    return [sorted(hyps, key=lambda h: (h.unmet, -h.score))[:n] or [Hypothesis([], NEG_INF, NEG_INF)]
-            for hyps in finished]  # an empty list: every continuation was forbidden
+    return [
+        sorted(hyps, key=lambda h: (h.unmet, -h.score))[:n] or [Hypothesis([], NEG_INF, NEG_INF)] for hyps in finished
+    ]  # an empty list: every continuation was forbidden
 
 
 # ------------------------------------------------------------------ greedy and sampling
 
-def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig, copies: int,
-                  choose: Callable[[Tensor], Tensor], prefixes: Optional[Sequence[Sequence[int]]] = None
-                  ) -> list[list[Hypothesis]]:
+
+def _decode_paths(
+    model: Seq2SeqDecoder,
+    src: Tensor,
+    opts: DecodeConfig,
+    copies: int,
+    choose: Callable[[Tensor], Tensor],
+    prefixes: Optional[Sequence[Sequence[int]]] = None,
+) -> list[list[Hypothesis]]:
     """Extend `copies` independent paths per sentence by `choose(log_probs (N, V)) -> (N,)` until
     EOS; finished rows leave the batch at once."""
     sent = torch.arange(src.size(0), device=src.device).repeat_interleave(copies)  # (N,)
@@ -248,8 +281,9 @@ def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig, copies
         tok = choose(log_probs) if forced is None else torch.where(forced >= 0, forced, choose(log_probs))
         sum_lp = sum_lp + log_probs.gather(1, tok[:, None]).squeeze(1)
         coverage, done = _accumulate(coverage, attn), tok.eq(model.eos_id)
-        hyps = _hypotheses(history[done], sum_lp[done], None if coverage is None else coverage[done],
-                           state.src_mask[done], opts)
+        hyps = _hypotheses(
+            history[done], sum_lp[done], None if coverage is None else coverage[done], state.src_mask[done], opts
+        )
         for s, hyp in zip(sent[done].tolist(), hyps):
             finished[s].append(hyp)
         keep = (~done).nonzero().squeeze(1)
@@ -260,8 +294,9 @@ def _decode_paths(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig, copies
 
 
 @torch.no_grad()
-def greedy_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
-                  prefixes: Optional[Sequence[Sequence[int]]] = None) -> list[list[Hypothesis]]:
+def greedy_search(
+    model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig, prefixes: Optional[Sequence[Sequence[int]]] = None
+) -> list[list[Hypothesis]]:
     """Pick the most probable token at each step; one hypothesis per sentence. src (B, S)."""
     return _decode_paths(model, src, opts, 1, lambda log_probs: log_probs.argmax(-1), prefixes)
 
@@ -283,9 +318,13 @@ def top_k_top_p_filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 @torch.no_grad()
-def sample(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
-           generator: Optional[torch.Generator] = None,
-           prefixes: Optional[Sequence[Sequence[int]]] = None) -> list[list[Hypothesis]]:
+def sample(
+    model: Seq2SeqDecoder,
+    src: Tensor,
+    opts: DecodeConfig,
+    generator: Optional[torch.Generator] = None,
+    prefixes: Optional[Sequence[Sequence[int]]] = None,
+) -> list[list[Hypothesis]]:
     """Ancestral sampling from softmax(top_k_top_p_filter(log_probs / temperature)); n_best
     independent samples per sentence, best score first. Scores use the model's own log-probs (not
     the tempered or filtered ones). Without a generator, one seeded with opts.seed is used.
@@ -306,6 +345,7 @@ def sample(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
 
 # ------------------------------------------------------------------------------ beam search
 
+
 @dataclass
 class _Beams:
     """Open hypotheses of the A active sentences, k rows each (sentence a owns rows a*k .. a*k+k-1)."""
@@ -319,20 +359,19 @@ class _Beams:
     cons: Optional[ConstraintBeams] = None  # per-row constraint states, only with constraints
 
 
-def _init_beams(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
-                prefixes: Optional[_Prefixes] = None) -> _Beams:
+def _init_beams(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig, prefixes: Optional[_Prefixes] = None) -> _Beams:
     """Encode once, copy each sentence's state to k rows; only row 0 is live (the rest -inf),
     so the first step does not pick k copies of the same token."""
     k, b = opts.beam, src.size(0)
     state = model.start(src)
-    max_len = _max_lengths(state.src_mask, opts, model,
-                           None if prefixes is None else prefixes.lengths)  # (B,)
+    max_len = _max_lengths(state.src_mask, opts, model, None if prefixes is None else prefixes.lengths)  # (B,)
     state = state.select(torch.arange(b, device=src.device).repeat_interleave(k))
     scores = torch.full((b, k), NEG_INF, device=src.device)
     scores[:, 0] = 0.0
     coverage = torch.zeros(state.src_mask.shape, device=src.device) if opts.beta > 0 else None
-    return _Beams(torch.arange(b, device=src.device), max_len, state, src.new_empty((b * k, 0)),
-                  scores.view(-1), coverage)
+    return _Beams(
+        torch.arange(b, device=src.device), max_len, state, src.new_empty((b * k, 0)), scores.view(-1), coverage
+    )
 
 
 def _expand(beams: _Beams, log_probs: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -348,8 +387,9 @@ def _expand(beams: _Beams, log_probs: Tensor, k: int) -> tuple[Tensor, Tensor, T
     return top, rows, index % v
 
 
-def _collect_finished(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], opts: DecodeConfig, eos: int,
-                      finished: list[list[Hypothesis]]) -> None:
+def _collect_finished(
+    beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], opts: DecodeConfig, eos: int, finished: list[list[Hypothesis]]
+) -> None:
     """EOS candidates ranked within the top k (and not -inf) become finished hypotheses,
     rescored with the length and coverage penalties."""
     top, rows, toks = cand  # (A, 2k) each
@@ -378,8 +418,14 @@ def _advance(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], k: int, eos: in
     coverage = None if beams.coverage is None else beams.coverage[rows]
     history = torch.cat([beams.history[rows], toks[:, None]], 1)  # (A*k, t+1)
     cons = None if beams.cons is None else beams.cons.advance(rows, toks)
-    return replace(beams, state=beams.state.select(rows), history=history,
-                   scores=top.gather(1, order).view(-1), coverage=coverage, cons=cons)
+    return replace(
+        beams,
+        state=beams.state.select(rows),
+        history=history,
+        scores=top.gather(1, order).view(-1),
+        coverage=coverage,
+        cons=cons,
+    )
 
 
 def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: DecodeConfig) -> _Beams:
@@ -396,8 +442,12 @@ def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: DecodeConf
     lp = lambda n: length_penalty(n, opts.alpha, opts.length_penalty)  # noqa: E731
     bound = best_open / torch.maximum(lp(torch.full_like(best_open, t + 1)), lp(beams.max_len + 1))
     sent = beams.sent.tolist()
-    nth = [sorted((h.score for h in finished[s]), reverse=True)[opts.n_best - 1]
-           if len(finished[s]) >= opts.n_best else NEG_INF for s in sent]
+    nth = [
+        sorted((h.score for h in finished[s]), reverse=True)[opts.n_best - 1]
+        if len(finished[s]) >= opts.n_best
+        else NEG_INF
+        for s in sent
+    ]
     done = (beams.max_len < t) | best_open.eq(NEG_INF) | (bound <= torch.tensor(nth, device=bound.device))
     if opts.stop_early:
         done |= torch.tensor([len(finished[s]) >= k for s in sent], device=done.device)
@@ -407,15 +457,26 @@ def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: DecodeConf
     rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)  # (A'*k,)
     coverage = None if beams.coverage is None else beams.coverage[rows]
     cons = None if beams.cons is None else beams.cons.select(rows)
-    return _Beams(beams.sent[keep], beams.max_len[keep], beams.state.select(rows), beams.history[rows],
-                  beams.scores[rows], coverage, cons)
+    return _Beams(
+        beams.sent[keep],
+        beams.max_len[keep],
+        beams.state.select(rows),
+        beams.history[rows],
+        beams.scores[rows],
+        coverage,
+        cons,
+    )
 
 
 @torch.no_grad()
-def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
-                constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
-                prefixes: Optional[Sequence[Sequence[int]]] = None,
-                word_continuations: Optional[Tensor] = None) -> list[list[Hypothesis]]:
+def beam_search(
+    model: Seq2SeqDecoder,
+    src: Tensor,
+    opts: DecodeConfig,
+    constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+    prefixes: Optional[Sequence[Sequence[int]]] = None,
+    word_continuations: Optional[Tensor] = None,
+) -> list[list[Hypothesis]]:
     """Batched beam search (k = opts.beam rows per sentence); n_best hypotheses per sentence, best
     final score first. src (B, S) padded with model.pad_id. constraints[b]: sentence b's target
     phrases (token ids) that must all appear (dynamic beam allocation, constraints.py);
@@ -435,19 +496,18 @@ def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
         log_probs, attn = model.step(_last_tokens(beams.history, model.bos_id), beams.state, opts.beta > 0)
         beams.coverage = _accumulate(beams.coverage, attn)  # (A*k, S), before back-pointers reorder it
         max_len = beams.max_len.repeat_interleave(opts.beam)  # (A*k,)
-        forced = None if pre is None else pre.at(beams.history.size(1),
-                                                 beams.sent.repeat_interleave(opts.beam))
+        forced = None if pre is None else pre.at(beams.history.size(1), beams.sent.repeat_interleave(opts.beam))
         log_probs = _constrain(log_probs, beams.history, max_len, opts, model, forced)
         if beams.cons is not None:  # no EOS before every constraint is met (unless at max_len)
-            log_probs[beams.cons.unmet_mask(log_probs.device) & (max_len > beams.history.size(1)),
-                      model.eos_id] = NEG_INF
+            log_probs[beams.cons.unmet_mask(log_probs.device) & (max_len > beams.history.size(1)), model.eos_id] = (
+                NEG_INF
+            )
             if word_continuations is not None:
                 closed = beams.cons.closed_mask(log_probs.device)
                 if forced is not None:
                     closed &= forced < 0
                 if bool(closed.any()):
-                    log_probs[closed] = log_probs[closed].masked_fill(word_continuations.to(log_probs.device),
-                                                                      NEG_INF)
+                    log_probs[closed] = log_probs[closed].masked_fill(word_continuations.to(log_probs.device), NEG_INF)
         cand = _expand(beams, log_probs, opts.beam)
         if beams.cons is not None:
             cand = order_candidates(beams.cons, beams.scores, log_probs, cand, opts.beam, model.eos_id)
@@ -456,11 +516,15 @@ def beam_search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
     return _best_first(finished, opts.n_best)
 
 
-def search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
-           generator: Optional[torch.Generator] = None,
-           constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
-           prefixes: Optional[Sequence[Sequence[int]]] = None,
-           word_continuations: Optional[Tensor] = None) -> list[list[Hypothesis]]:
+def search(
+    model: Seq2SeqDecoder,
+    src: Tensor,
+    opts: DecodeConfig,
+    generator: Optional[torch.Generator] = None,
+    constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+    prefixes: Optional[Sequence[Sequence[int]]] = None,
+    word_continuations: Optional[Tensor] = None,
+) -> list[list[Hypothesis]]:
     """Sampling if opts.sample; greedy when beam == n_best == 1; beam search otherwise.
     Constraints need beam search (with beam 1 it is beam search with one row, not greedy)."""
     has_constraints = constraints is not None and any(len(cs) for cs in constraints)
@@ -470,11 +534,11 @@ def search(model: Seq2SeqDecoder, src: Tensor, opts: DecodeConfig,
         return sample(model, src, opts, generator, prefixes)
     if opts.beam == 1 and opts.n_best == 1 and not has_constraints:
         return greedy_search(model, src, opts, prefixes)
-    return beam_search(model, src, opts, constraints if has_constraints else None, prefixes,
-                       word_continuations)
+    return beam_search(model, src, opts, constraints if has_constraints else None, prefixes, word_continuations)
 
 
 # -------------------------------------------------------------------------------- ensembles
+
 
 @dataclass
 class EnsembleState:
@@ -511,8 +575,9 @@ class Ensemble:
     def start(self, src: Tensor) -> EnsembleState:
         return EnsembleState([m.start(src) for m in self.models])
 
-    def step(self, tokens: Tensor, state: EnsembleState, need_attention: bool = False
-             ) -> tuple[Tensor, Optional[Tensor]]:
+    def step(
+        self, tokens: Tensor, state: EnsembleState, need_attention: bool = False
+    ) -> tuple[Tensor, Optional[Tensor]]:
         outs = [m.step(tokens, s, need_attention) for m, s in zip(self.models, state.states)]
         if len({lp.shape for lp, _ in outs}) > 1:
             raise ValueError(f"ensemble members disagree on the vocabulary: {[lp.shape for lp, _ in outs]}")
@@ -523,19 +588,26 @@ class Ensemble:
 
 # ------------------------------------------------------------------------------ batched entry point
 
+
 def batch_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Indices sorted by length (longest first) and cut so that rows * max_len <= batch_tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return length_batches(order, lengths, batch_tokens)
 
 
-def translate_ids(model: Seq2SeqDecoder, src_ids: Sequence[list[int]], opts: DecodeConfig,
-                  device: torch.device, pad_id: int,
-                  on_batch: Optional[Callable[[int, int], None]] = None, workers: int = 1,
-                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                  constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
-                  prefixes: Optional[Sequence[Sequence[int]]] = None,
-                  word_continuations: Optional[Tensor] = None) -> list[list[Hypothesis]]:
+def translate_ids(
+    model: Seq2SeqDecoder,
+    src_ids: Sequence[list[int]],
+    opts: DecodeConfig,
+    device: torch.device,
+    pad_id: int,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+    workers: int = 1,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    constraints: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+    prefixes: Optional[Sequence[Sequence[int]]] = None,
+    word_continuations: Optional[Tensor] = None,
+) -> list[list[Hypothesis]]:
     """Search every source (ids ending in EOS), batched by length; results in input order.
 
     `constraints` / `prefixes` (aligned with src_ids) are passed to the search per sentence.
@@ -557,8 +629,9 @@ def translate_ids(model: Seq2SeqDecoder, src_ids: Sequence[list[int]], opts: Dec
         cons = None if constraints is None else [constraints[i] for i in index]
         pre = None if prefixes is None else [prefixes[i] for i in index]
         with torch.inference_mode(), context():
-            return search(model, src.to(device), opts, constraints=cons, prefixes=pre,
-                          word_continuations=word_continuations)
+            return search(
+                model, src.to(device), opts, constraints=cons, prefixes=pre, word_continuations=word_continuations
+            )
 
     def done(index: list[int], hyps: list[list[Hypothesis]]) -> None:
         for i, h in zip(index, hyps):

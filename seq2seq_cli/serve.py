@@ -115,9 +115,7 @@ class ServeConfig:
     max_chars: int = 20000  # characters per request, all texts together
     max_sentences: int = 256  # sentences per request, after splitting
     max_wait_ms: float = 5.0  # how long a batch waits for more requests
-    batch_tokens: Optional[int] = (
-        None  # the batcher's budget, beam rows x source tokens; None: model's x workers
-    )
+    batch_tokens: Optional[int] = None  # the batcher's budget, beam rows x source tokens; None: model's x workers
     max_beam: int = 16
     device: str = "auto"
     threads: int = 0
@@ -143,16 +141,12 @@ def load_model_specs(path: Path) -> list[ModelSpec]:
     specs = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "path" not in entry:
-            raise DataError(
-                f"{path}: models[{i}]: expected a mapping with 'path' (and optional source, target)"
-            )
+            raise DataError(f"{path}: models[{i}]: expected a mapping with 'path' (and optional source, target)")
         unknown = set(entry) - {"path", "source", "target"}
         if unknown:
             raise DataError(f"{path}: models[{i}]: unknown key(s) {', '.join(sorted(unknown))}")
         raw = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
-        paths = tuple(
-            (Path(path).parent / str(p)) if not Path(str(p)).is_absolute() else Path(str(p)) for p in raw
-        )
+        paths = tuple((Path(path).parent / str(p)) if not Path(str(p)).is_absolute() else Path(str(p)) for p in raw)
         for key in ("source", "target"):
             if key in entry and not (isinstance(entry[key], str) and entry[key].strip()):
                 raise DataError(f"{path}: models[{i}].{key}: expected a language code")
@@ -195,8 +189,7 @@ class Engine:
     def describe(self, opts: Hashable) -> dict[str, Any]:
         """The settings as JSON-ready values (for /v1/models)."""
         return {
-            k: getattr(opts, k)
-            for k in ("beam", "n_best", "alpha", "beta", "length_penalty", "max_len_a", "max_len_b")
+            k: getattr(opts, k) for k in ("beam", "n_best", "alpha", "beta", "length_penalty", "max_len_a", "max_len_b")
         }
 
     def cost(self, sentence: str, opts: Hashable) -> int:
@@ -217,8 +210,12 @@ def load_engine(spec: ModelSpec, config: ServeConfig) -> Engine:
     from .distributed import pick_device
     from .translate import Translator
 
-    translator = Translator(list(spec.paths), str(pick_device(config.device)), config.threads,
-                            {"precision": config.precision, "workers": config.workers})
+    translator = Translator(
+        list(spec.paths),
+        str(pick_device(config.device)),
+        config.threads,
+        {"precision": config.precision, "workers": config.workers},
+    )
     data = translator.recipe.data
     return Engine(translator, spec.source or data.src_lang, spec.target or data.tgt_lang, config.batch_tokens)
 
@@ -373,9 +370,7 @@ class _Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.sentences = Counter("translate_sentences", "sentences translated", ["pair"], registry=r)
-        self.src_tokens = Counter(
-            "translate_source_tokens", "source tokens (pieces + EOS)", ["pair"], registry=r
-        )
+        self.src_tokens = Counter("translate_source_tokens", "source tokens (pieces + EOS)", ["pair"], registry=r)
         self.tgt_tokens = Counter(
             "translate_target_tokens",
             "1-best target pieces (EOS not counted, as translate decode counts them)",
@@ -549,9 +544,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ApiError(
-                400, "invalid_utf8", f"the request body is not valid UTF-8 (byte {exc.start})"
-            ) from None
+            raise ApiError(400, "invalid_utf8", f"the request body is not valid UTF-8 (byte {exc.start})") from None
 
     async def read_json(request: Request) -> Any:
         text = decode_utf8(await read_body(request))
@@ -573,8 +566,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         found = [
             s
             for s in served
-            if (source in (None, "auto") or s.engine.source == source)
-            and (target is None or s.engine.target == target)
+            if (source in (None, "auto") or s.engine.source == source) and (target is None or s.engine.target == target)
         ]
         if len(found) == 1:
             return found[0]
@@ -585,22 +577,16 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
                 "unsupported_pair",
                 f"no model translates {source or '?'} to {target or '?'} (available: {pairs})",
             )
-        raise ApiError(
-            400, "ambiguous_pair", f"several models match; give source and target (available: {pairs})"
-        )
+        raise ApiError(400, "ambiguous_pair", f"several models match; give source and target (available: {pairs})")
 
     def check_texts(texts: list[str]) -> None:
         if not texts or all(not t.strip() for t in texts):
             raise ApiError(400, "empty_text", "nothing to translate: the text is empty")
         if len(texts) > config.max_sentences:
-            raise ApiError(
-                413, "too_large", f"{len(texts)} texts; the limit is {config.max_sentences} per request"
-            )
+            raise ApiError(413, "too_large", f"{len(texts)} texts; the limit is {config.max_sentences} per request")
         chars = sum(len(t) for t in texts)
         if chars > config.max_chars:
-            raise ApiError(
-                413, "too_large", f"{chars} characters; the limit is {config.max_chars} per request"
-            )
+            raise ApiError(413, "too_large", f"{chars} characters; the limit is {config.max_chars} per request")
         for t in texts:
             try:
                 t.encode("utf-8")
@@ -608,8 +594,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
                 raise ApiError(
                     400,
                     "invalid_utf8",
-                    f"the text holds an unpaired surrogate (\\u{ord(t[exc.start]):04x}), "
-                    "not a Unicode character",
+                    f"the text holds an unpaired surrogate (\\u{ord(t[exc.start]):04x}), not a Unicode character",
                 ) from None
 
     def segment(texts: list[str], lang: str, split: bool) -> tuple[list[_Doc], list[str]]:
@@ -617,9 +602,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         sentences: list[str] = []
         for t in texts:
             seg = (
-                split_document(t, lang)
-                if split
-                else Segmented((t,) if t.strip() else (), (1 if t.strip() else 0,), ())
+                split_document(t, lang) if split else Segmented((t,) if t.strip() else (), (1 if t.strip() else 0,), ())
             )
             docs.append(_Doc(seg, len(sentences)))
             sentences.extend(seg.sentences)
@@ -661,9 +644,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
 
     def joined(doc: _Doc, results: list[list[Candidate]]) -> str:
         n = len(doc.segmented.sentences)
-        return join_document(
-            doc.segmented, [r[0].text if r else "" for r in results[doc.start : doc.start + n]]
-        )
+        return join_document(doc.segmented, [r[0].text if r else "" for r in results[doc.start : doc.start + n]])
 
     # ---------------------------------------------------------------- endpoints
 
@@ -673,8 +654,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         return HTMLResponse(
             text,
             headers={
-                "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline';"
-                " script-src 'unsafe-inline'"
+                "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
             },
         )
 
@@ -798,9 +778,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         targets: dict[str, list[str]] = {}
         for s in served:
             targets.setdefault(s.engine.source, []).append(s.engine.target)
-        return [
-            {"code": c, "name": LANGUAGE_NAMES.get(c, c), "targets": sorted(t)} for c, t in targets.items()
-        ]
+        return [{"code": c, "name": LANGUAGE_NAMES.get(c, c), "targets": sorted(t)} for c, t in targets.items()]
 
     @app.post("/translator/translate")
     async def onmt_translate(request: Request) -> list:
@@ -815,24 +793,19 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
                 raise ApiError(400, "unsupported_pair", f"no model with id {model} (ids 0-{len(served) - 1})")
             by_model.setdefault(model, []).append(i)
         out: list[list[dict]] = [[] for _ in items]
-        jobs = [
-            translate(served[m], [items[i].src for i in idx], {}, split=True) for m, idx in by_model.items()
-        ]
+        jobs = [translate(served[m], [items[i].src for i in idx], {}, split=True) for m, idx in by_model.items()]
         for (m, idx), (docs, results) in zip(by_model.items(), await asyncio.gather(*jobs)):
             n_best = served[m].engine.defaults.n_best
             for i, doc in zip(idx, docs):
                 text = joined(doc, results)
-                score = sum(
-                    r[0].score for r in results[doc.start : doc.start + len(doc.segmented.sentences)] if r
-                )
+                score = sum(r[0].score for r in results[doc.start : doc.start + len(doc.segmented.sentences)] if r)
                 out[i] = [{"src": items[i].src, "tgt": text, "n_best": n_best, "pred_score": score}]
         return [[row for rows in out for row in rows]]
 
     @app.get("/translator/models")
     async def onmt_models() -> list:
         return [
-            {"model_id": s.index, "source": s.engine.source, "target": s.engine.target, "loaded": True}
-            for s in served
+            {"model_id": s.index, "source": s.engine.source, "target": s.engine.target, "loaded": True} for s in served
         ]
 
     return app

@@ -42,8 +42,7 @@ def _ready(fd: int) -> bool:
         return True
 
 
-def stdin_chunks(max_lines: int, errors: str, counts: dict, stream: IO[bytes] | None = None
-                 ) -> Iterator[list[str]]:
+def stdin_chunks(max_lines: int, errors: str, counts: dict, stream: IO[bytes] | None = None) -> Iterator[list[str]]:
     """Complete lines from stdin, chunked by availability (see module docstring)."""
     fd = (stream or sys.stdin.buffer).fileno()
     pending = b""

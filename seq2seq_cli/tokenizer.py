@@ -21,8 +21,7 @@ import sentencepiece as spm
 from .atomic import atomic_write
 from .recipe import TokenizerConfig, UserError
 
-__all__ = ["PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "NORMALIZATION", "TokenizerError", "Tokenizer",
-           "train_tokenizer"]
+__all__ = ["PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "NORMALIZATION", "TokenizerError", "Tokenizer", "train_tokenizer"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,10 @@ def _processor(proto: bytes, name: str) -> spm.SentencePieceProcessor:
         raise TokenizerError(f"{name}: not a valid sentencepiece model (only {sp.get_piece_size()} pieces)")
     got = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
     if got != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-        raise TokenizerError(f"{name}: special ids (pad, unk, bos, eos) are {got}, expected "
-                             f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; retrain it with `translate`")
+        raise TokenizerError(
+            f"{name}: special ids (pad, unk, bos, eos) are {got}, expected "
+            f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; retrain it with `translate`"
+        )
     return sp
 
 
@@ -65,8 +66,7 @@ class Tokenizer:
 
     pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
-    def __init__(self, src_proto: bytes, tgt_proto: Optional[bytes] = None,
-                 num_threads: Optional[int] = None) -> None:
+    def __init__(self, src_proto: bytes, tgt_proto: Optional[bytes] = None, num_threads: Optional[int] = None) -> None:
         self._protos = (bytes(src_proto), None if tgt_proto is None else bytes(tgt_proto))
         self._src = _processor(src_proto, "spm.model" if tgt_proto is None else "src.model")
         self._tgt = self._src if tgt_proto is None else _processor(tgt_proto, "tgt.model")
@@ -143,8 +143,11 @@ class Tokenizer:
 
     @classmethod
     def from_state(cls, state: dict) -> "Tokenizer":
-        if not isinstance(state, dict) or not isinstance(state.get("src"), (bytes, bytearray)) \
-                or not isinstance(state.get("tgt"), (bytes, bytearray, type(None))):
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("src"), (bytes, bytearray))
+            or not isinstance(state.get("tgt"), (bytes, bytearray, type(None)))
+        ):
             raise TokenizerError("checkpoint tokenizer state must be {'src': bytes, 'tgt': bytes or None}")
         return cls(state["src"], state["tgt"])
 
@@ -184,6 +187,7 @@ def _read(path: Path) -> bytes:
 
 # ---------------------------------------------------------------------------------- training
 
+
 def _train_one(cfg: TokenizerConfig, lines: Iterable[str], what: str, num_threads: int) -> bytes:
     """Train one sentencepiece model from non-empty lines; return its serialized proto."""
     sentences = [line for line in lines if line.strip()]
@@ -193,28 +197,47 @@ def _train_one(cfg: TokenizerConfig, lines: Iterable[str], what: str, num_thread
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model,
-            model_type=cfg.type, vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
-            input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=cfg.input_sentence_size > 0,
-            user_defined_symbols=list(cfg.user_defined_symbols), normalization_rule_name=NORMALIZATION,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece=SPECIAL_PIECES[PAD_ID], unk_piece=SPECIAL_PIECES[UNK_ID],
-            bos_piece=SPECIAL_PIECES[BOS_ID], eos_piece=SPECIAL_PIECES[EOS_ID],
-            hard_vocab_limit=False, num_threads=num_threads, minloglevel=2)
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            model_type=cfg.type,
+            vocab_size=cfg.vocab_size,
+            character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.input_sentence_size,
+            shuffle_input_sentence=cfg.input_sentence_size > 0,
+            user_defined_symbols=list(cfg.user_defined_symbols),
+            normalization_rule_name=NORMALIZATION,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece=SPECIAL_PIECES[PAD_ID],
+            unk_piece=SPECIAL_PIECES[UNK_ID],
+            bos_piece=SPECIAL_PIECES[BOS_ID],
+            eos_piece=SPECIAL_PIECES[EOS_ID],
+            hard_vocab_limit=False,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
     except RuntimeError as exc:
         msg = str(exc)
         small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         if small:
             raise TokenizerError(
                 f"tokenizer.vocab_size {small[1]} is too small for the {what} corpus: its characters and "
-                f"special pieces need {small[2]} (raise vocab_size or lower character_coverage)") from None
+                f"special pieces need {small[2]} (raise vocab_size or lower character_coverage)"
+            ) from None
         last = msg.strip().splitlines()[-1] if msg.strip() else type(exc).__name__
         raise TokenizerError(f"training the {what} tokenizer failed: {last}") from None
     return model.getvalue()
 
 
-def train_tokenizer(cfg: TokenizerConfig, src_lines: Sequence[str], tgt_lines: Sequence[str],
-                    out_dir: Path, num_threads: Optional[int] = None) -> Tokenizer:
+def train_tokenizer(
+    cfg: TokenizerConfig,
+    src_lines: Sequence[str],
+    tgt_lines: Sequence[str],
+    out_dir: Path,
+    num_threads: Optional[int] = None,
+) -> Tokenizer:
     """Train joint (spm.model on src+tgt) or separate (src.model, tgt.model) models and save them.
 
     Empty lines are skipped. The result depends only on the lines, cfg and num_threads
@@ -225,10 +248,15 @@ def train_tokenizer(cfg: TokenizerConfig, src_lines: Sequence[str], tgt_lines: S
     if cfg.joint:
         protos = (_train_one(cfg, itertools.chain(src_lines, tgt_lines), "joint", threads), None)
     else:
-        protos = (_train_one(cfg, src_lines, "source", threads),
-                  _train_one(cfg, tgt_lines, "target", threads))
+        protos = (_train_one(cfg, src_lines, "source", threads), _train_one(cfg, tgt_lines, "target", threads))
     tok = Tokenizer(*protos, num_threads=threads)
     tok.save(Path(out_dir))
-    log.info("tokenizer (%s, %s): vocab src %d tgt %d -> %s", cfg.type, "joint" if cfg.joint else "separate",
-             tok.src_vocab_size, tok.tgt_vocab_size, out_dir)
+    log.info(
+        "tokenizer (%s, %s): vocab src %d tgt %d -> %s",
+        cfg.type,
+        "joint" if cfg.joint else "separate",
+        tok.src_vocab_size,
+        tok.tgt_vocab_size,
+        out_dir,
+    )
     return tok

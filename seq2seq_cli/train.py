@@ -138,8 +138,14 @@ def load_corpora(recipe: Recipe, tok: Tokenizer, report: bool) -> Corpora:
     if len(train) == 0:
         raise DataError(f"{d.train.src or d.train.tsv}: no training pair is shorter than data.max_len={d.max_len}")
     if report:
-        log.info("train: %d pairs kept, %d blank skipped, %d longer than %d dropped, %d dropped by ratio",
-                 len(train), text.blank_pairs, train.dropped_too_long, d.max_len, train.dropped_ratio)
+        log.info(
+            "train: %d pairs kept, %d blank skipped, %d longer than %d dropped, %d dropped by ratio",
+            len(train),
+            text.blank_pairs,
+            train.dropped_too_long,
+            d.max_len,
+            train.dropped_ratio,
+        )
     coverage = coverage_report(tok, text) if recipe.train.init_from is not None else None
     if coverage is not None and report:
         log.info("parent tokenizer on the new training text: %s", coverage)
@@ -148,17 +154,25 @@ def load_corpora(recipe: Recipe, tok: Tokenizer, report: bool) -> Corpora:
         pool = encode_pairs(read_split(d.replay, d.encoding_errors), tok, d.max_len, d.max_len_ratio)
         n_main = len(train)
         train, k = mix_replay(train, pool, d.replay.ratio, recipe.seed)
-        replay = {"in_domain_pairs": n_main, "replay_pairs": k, "replay_pool": len(pool),
-                  "replay_fraction": round(k / len(train), 4)}
+        replay = {
+            "in_domain_pairs": n_main,
+            "replay_pairs": k,
+            "replay_pool": len(pool),
+            "replay_fraction": round(k / len(train), 4),
+        }
         if report:
-            log.info("replay: %d of %d pairs of %s mixed into %d in-domain pairs (%.1f%% of training pairs)",
-                     k, len(pool), d.replay.src or d.replay.tsv, n_main, 100 * replay["replay_fraction"])
-    corpora = Corpora(train, [len(s) for s in train.src], [len(t) for t in train.tgt], coverage=coverage,
-                      replay=replay)
+            log.info(
+                "replay: %d of %d pairs of %s mixed into %d in-domain pairs (%.1f%% of training pairs)",
+                k,
+                len(pool),
+                d.replay.src or d.replay.tsv,
+                n_main,
+                100 * replay["replay_fraction"],
+            )
+    corpora = Corpora(train, [len(s) for s in train.src], [len(t) for t in train.tgt], coverage=coverage, replay=replay)
     if d.dev is not None:
         corpora.dev_text = read_split(d.dev, d.encoding_errors)
-        corpora.dev = encode_pairs(corpora.dev_text, tok, recipe.model.max_positions, filter_long=False,
-                                   truncate=True)
+        corpora.dev = encode_pairs(corpora.dev_text, tok, recipe.model.max_positions, filter_long=False, truncate=True)
     return corpora
 
 
@@ -179,12 +193,16 @@ def finetune_recipe(recipe: Recipe, parent: Checkpoint) -> Recipe:
         free = _DROPOUTS if name == "model" else set()
         for key in sorted(mine.model_fields_set - free):
             if getattr(mine, key) != getattr(theirs, key):
-                raise RecipeError(f"train.init_from: parent has {name}.{key} {getattr(theirs, key)!r}, "
-                                  f"this recipe says {getattr(mine, key)!r} ({parent.where()})")
+                raise RecipeError(
+                    f"train.init_from: parent has {name}.{key} {getattr(theirs, key)!r}, "
+                    f"this recipe says {getattr(mine, key)!r} ({parent.where()})"
+                )
         sections[name] = theirs.model_copy(update={k: getattr(mine, k) for k in mine.model_fields_set & free})
     if recipe.data.max_len > sections["model"].max_positions:
-        raise RecipeError(f"train.init_from: data.max_len ({recipe.data.max_len}) must not exceed the parent's "
-                          f"model.max_positions ({sections['model'].max_positions})")
+        raise RecipeError(
+            f"train.init_from: data.max_len ({recipe.data.max_len}) must not exceed the parent's "
+            f"model.max_positions ({sections['model'].max_positions})"
+        )
     return recipe.model_copy(update=sections)
 
 
@@ -218,7 +236,8 @@ def freeze(model: Seq2SeqTransformer, groups: list[str]) -> int:
     modules: dict[str, list[Optional[torch.nn.Module]]] = {
         "embeddings": [model.src_embed, model.tgt_embed, model.pos_embed],
         "encoder": [model.encoder, model.enc_norm],
-        "decoder": [model.decoder, model.dec_norm, None if model.cfg.tie_output else model.output]}
+        "decoder": [model.decoder, model.dec_norm, None if model.cfg.tie_output else model.output],
+    }
     frozen: dict[int, torch.nn.Parameter] = {}
     for group in groups:
         for module in modules[group]:
@@ -236,10 +255,23 @@ class Validator:
     `train.valid_max_sentences` lines, through the search room's batched entry point.
     """
 
-    def __init__(self, recipe: Recipe, tok: Tokenizer, text: ParallelText, dev: EncodedCorpus,
-                 device: torch.device, autocast: Any) -> None:
-        self.recipe, self.tok, self.text, self.dev, self.device, self.autocast = \
-            recipe, tok, text, dev, device, autocast
+    def __init__(
+        self,
+        recipe: Recipe,
+        tok: Tokenizer,
+        text: ParallelText,
+        dev: EncodedCorpus,
+        device: torch.device,
+        autocast: Any,
+    ) -> None:
+        self.recipe, self.tok, self.text, self.dev, self.device, self.autocast = (
+            recipe,
+            tok,
+            text,
+            dev,
+            device,
+            autocast,
+        )
         self.opts = recipe.decode.model_copy(update={"beam": recipe.train.valid_beam, "n_best": 1, "sample": False})
 
     def dev_nll(self, model: Seq2SeqTransformer) -> float:
@@ -260,11 +292,15 @@ class Validator:
         with torch.inference_mode():
             dev_loss = self.dev_nll(model)
         limit = self.recipe.train.valid_max_sentences or len(self.dev)
-        hyps = translate_ids(model, self.dev.src[:limit], self.opts, self.device, self.tok.pad_id,
-                             context=self.autocast)
+        hyps = translate_ids(
+            model, self.dev.src[:limit], self.opts, self.device, self.tok.pad_id, context=self.autocast
+        )
         system = [self.tok.decode_tgt(h[0].tokens) if h else "" for h in hyps]
-        return {"dev_nll": dev_loss, "dev_ppl": math.exp(min(dev_loss, 50.0)),
-                **dev_scores(system, self.text.tgt[:limit])}
+        return {
+            "dev_nll": dev_loss,
+            "dev_ppl": math.exp(min(dev_loss, 50.0)),
+            **dev_scores(system, self.text.tgt[:limit]),
+        }
 
 
 @dataclass
@@ -313,24 +349,35 @@ class Trainer:
         self.data = load_corpora(recipe, self.tok, self.main)
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)
-        self.model: Seq2SeqTransformer = build_model(recipe.model, self.tok.src_vocab_size, self.tok.tgt_vocab_size,
-                                                     self.tok.pad_id, self.tok.bos_id, self.tok.eos_id).to(self.device)
+        self.model: Seq2SeqTransformer = build_model(
+            recipe.model,
+            self.tok.src_vocab_size,
+            self.tok.tgt_vocab_size,
+            self.tok.pad_id,
+            self.tok.bos_id,
+            self.tok.eos_id,
+        ).to(self.device)
         if parent is not None:
             try:
                 self.model.load_state_dict(dict(parent.weights))
             except RuntimeError:
-                raise CheckpointError(f"train.init_from: {parent.where()}: weights do not fit its stored model "
-                                      "shape and tokenizer") from None
+                raise CheckpointError(
+                    f"train.init_from: {parent.where()}: weights do not fit its stored model shape and tokenizer"
+                ) from None
             if self.main:
-                log.info("fine-tuning from %s (step %d): fresh optimizer, schedule and step counter",
-                         parent.where(), parent.step)
+                log.info(
+                    "fine-tuning from %s (step %d): fresh optimizer, schedule and step counter",
+                    parent.where(),
+                    parent.step,
+                )
         if self.cfg.freeze:
             n = freeze(self.model, list(self.cfg.freeze))
             if self.main:
                 log.info("frozen: %s (%d parameters)", ", ".join(self.cfg.freeze), n)
         opt_cls = torch.optim.AdamW if self.cfg.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(self.model.parameters(), lr=1.0, betas=self.cfg.betas, eps=self.cfg.eps,
-                                 weight_decay=self.cfg.weight_decay)
+        self.optimizer = opt_cls(
+            self.model.parameters(), lr=1.0, betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay
+        )
         self.pos = _Position()
         self.scheduler = make_scheduler(self.optimizer, self.cfg, recipe.model.d_model, lambda: self.pos.seconds)
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else (0, 0)
@@ -346,12 +393,18 @@ class Trainer:
         self.saved_step = self.pos.step if self.run_dir.last.exists() else -1
         if parent is not None or (self.data.replay is not None and not self.run_dir.last.exists()):
             self.run_dir.root.mkdir(parents=True, exist_ok=True)
-            self.log_record({"type": "data", "step": 0, "init_from": None if parent is None else str(parent.where()),
-                             "coverage": self.data.coverage, "replay": self.data.replay})
+            self.log_record(
+                {
+                    "type": "data",
+                    "step": 0,
+                    "init_from": None if parent is None else str(parent.where()),
+                    "coverage": self.data.coverage,
+                    "replay": self.data.replay,
+                }
+            )
         self.validate: Optional[Validator] = None
         if self.data.dev is not None and self.data.dev_text is not None:
-            self.validate = Validator(recipe, self.tok, self.data.dev_text, self.data.dev, self.device,
-                                      self._autocast)
+            self.validate = Validator(recipe, self.tok, self.data.dev_text, self.data.dev, self.device, self._autocast)
 
     # ------------------------------------------------------------------------------ setup
     def _resume(self) -> None:
@@ -365,8 +418,10 @@ class Trainer:
         try:
             self.model.load_state_dict(dict(ckpt.weights))
         except RuntimeError:
-            raise CheckpointError(f"{ckpt.path}: was trained with another model shape or tokenizer; use a new "
-                                  "output_dir or remove its checkpoints") from None
+            raise CheckpointError(
+                f"{ckpt.path}: was trained with another model shape or tokenizer; use a new "
+                "output_dir or remove its checkpoints"
+            ) from None
         self.optimizer.load_state_dict(t.optimizer)
         self.scheduler.load_state_dict(t.scheduler)
         if t.scaler:
@@ -414,8 +469,9 @@ class Trainer:
             with dist.maybe_no_sync(self.ddp, sync), self._autocast():
                 keep = b.tgt_out.ne(tok.pad_id)
                 hidden = self.ddp(b.src, b.tgt_in, keep, project=False)  # (K, D): the loss applies the output layer
-                loss, nll, _ = output_layer_loss(hidden, self.model.output.weight, b.tgt_out[keep],
-                                                 self.cfg.label_smoothing)
+                loss, nll, _ = output_layer_loss(
+                    hidden, self.model.output.weight, b.tgt_out[keep], self.cfg.label_smoothing
+                )
             self.scaler.scale(loss * scale).backward()
             loss_sum, nll_sum = loss_sum + float(loss.detach()), nll_sum + float(nll.detach())
         return loss_sum, nll_sum, local_tgt, sum(b.n_src for b in micro)
@@ -440,10 +496,16 @@ class Trainer:
     # ------------------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> Checkpoint:
         rng = _rng_state(self.device)
-        training = TrainingState(dict(self.pos.__dict__), self.optimizer.state_dict(), self.scheduler.state_dict(),
-                                 rng, self.scaler.state_dict() or None)
-        return Checkpoint(self.recipe, self.model.state_dict(), self.tok.to_state(), self.recipe.decode,
-                          self.pos.step, training)
+        training = TrainingState(
+            dict(self.pos.__dict__),
+            self.optimizer.state_dict(),
+            self.scheduler.state_dict(),
+            rng,
+            self.scaler.state_dict() or None,
+        )
+        return Checkpoint(
+            self.recipe, self.model.state_dict(), self.tok.to_state(), self.recipe.decode, self.pos.step, training
+        )
 
     def save(self, best: bool = False) -> None:
         """Write step-N.pt, point last.pt (and best.pt) at it, keep the newest keep_last files."""
@@ -478,8 +540,9 @@ class Trainer:
         else after the current step; save; exit 130/143. A second one exits immediately: the
         checkpoints on disk are complete files (atomic writes), the last good one stays."""
         if self.stop_signal is not None:
-            sys.stderr.write(f"second signal {signum}: exiting now; checkpoints/last.pt is the last complete "
-                             "checkpoint\n")
+            sys.stderr.write(
+                f"second signal {signum}: exiting now; checkpoints/last.pt is the last complete checkpoint\n"
+            )
             sys.stderr.flush()
             os._exit(128 + signum)
         self.stop_signal = signum
@@ -491,8 +554,9 @@ class Trainer:
         from .progress import TrainProgress  # rich is only needed when training
 
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
-            if _in_main_thread() else {}
+        old = (
+            {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
+        )
         try:
             with TrainProgress(self.cfg, enabled=self.progress, lines=self.main) as bar:
                 reason = self._loop(bar)
@@ -502,12 +566,14 @@ class Trainer:
         return self._finish(reason)
 
     def _epoch_groups(self) -> list[list[list[int]]]:
-        batches = make_batches(self.data.src_lens, self.data.tgt_lens, self.cfg.batch_tokens, self.recipe.seed, self.pos.epoch)
+        batches = make_batches(
+            self.data.src_lens, self.data.tgt_lens, self.cfg.batch_tokens, self.recipe.seed, self.pos.epoch
+        )
         acc, world = self.cfg.accum_steps, self.ctx.world
         mine = shard_batches(batches, self.ctx.rank, world, acc)
         if not mine:
             raise DataError(f"{len(batches)} batches per epoch cannot feed {world} ranks x {acc} accumulation steps")
-        return [mine[i: i + acc] for i in range(0, len(mine), acc)]
+        return [mine[i : i + acc] for i in range(0, len(mine), acc)]
 
     def _loop(self, bar) -> str:
         """Update until a budget ends: update, log, validate, clock, signal, budget — per step."""
@@ -539,7 +605,7 @@ class Trainer:
 
     def _remaining_groups(self) -> list[list[list[int]]]:
         """This epoch's update groups not yet done (a resumed run skips those it already trained on)."""
-        return self._epoch_groups()[self.pos.batches_done // (self.ctx.world * self.cfg.accum_steps):]
+        return self._epoch_groups()[self.pos.batches_done // (self.ctx.world * self.cfg.accum_steps) :]
 
     def _advance_clock(self) -> None:
         """Add the wall time since the last tick (a validation counts in the step after it), agreed across ranks."""
@@ -555,11 +621,21 @@ class Trainer:
     def _log_train(self, w: "_Window", bar) -> None:
         loss, nll, tgt, src = dist.all_reduce_list([w.loss, w.nll, w.tgt, w.src], self.ctx, self.device)
         elapsed = time.perf_counter() - w.start
-        rec = {"type": "train", "step": self.pos.step, "epoch": self.pos.epoch + 1,
-               "lr": self.scheduler.get_last_lr()[0], "loss": loss / max(tgt, 1), "nll": nll / max(tgt, 1),
-               "ppl": math.exp(min(nll / max(tgt, 1), 50.0)), "tokens_per_s": (tgt + src) / max(elapsed, 1e-9),
-               "tgt_tokens": int(tgt), "src_tokens": int(src), "seconds": elapsed, "updates": w.updates,
-               "minutes": self.pos.seconds / 60}
+        rec = {
+            "type": "train",
+            "step": self.pos.step,
+            "epoch": self.pos.epoch + 1,
+            "lr": self.scheduler.get_last_lr()[0],
+            "loss": loss / max(tgt, 1),
+            "nll": nll / max(tgt, 1),
+            "ppl": math.exp(min(nll / max(tgt, 1), 50.0)),
+            "tokens_per_s": (tgt + src) / max(elapsed, 1e-9),
+            "tgt_tokens": int(tgt),
+            "src_tokens": int(src),
+            "seconds": elapsed,
+            "updates": w.updates,
+            "minutes": self.pos.seconds / 60,
+        }
         self.log_record(rec)
         bar.train_record(rec)
         w.reset()
@@ -575,12 +651,17 @@ class Trainer:
                 self.pos.best_score, self.pos.bad_validations = score, 0
             else:
                 self.pos.bad_validations += 1
-            rec = {"type": "valid", "step": self.pos.step, "minutes": self.pos.seconds / 60, **metrics,
-                   "best": better}
+            rec = {"type": "valid", "step": self.pos.step, "minutes": self.pos.seconds / 60, **metrics, "best": better}
             self.log_record(rec)
-            log.info("validation at step %d: %s", self.pos.step,
-                     " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
-                              if k not in ("type", "step")))
+            log.info(
+                "validation at step %d: %s",
+                self.pos.step,
+                " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in rec.items()
+                    if k not in ("type", "step")
+                ),
+            )
             self.save(best=better)
             stop = bool(self.cfg.patience and self.pos.bad_validations >= self.cfg.patience)
         self.saved_step = self.pos.step
@@ -589,7 +670,7 @@ class Trainer:
     def _average(self) -> None:
         """Average the last N step checkpoints into average.pt; if it validates better than the
         best checkpoint on dev, it becomes best.pt (the choice is made on dev, never on test)."""
-        paths = step_checkpoints(self.run_dir.checkpoints)[-self.cfg.average_last:]
+        paths = step_checkpoints(self.run_dir.checkpoints)[-self.cfg.average_last :]
         averaged = average_checkpoints(paths)
         save_checkpoint(self.run_dir.average, averaged)
         if self.validate is None or len(paths) < 2:
@@ -600,10 +681,14 @@ class Trainer:
         self.model.load_state_dict(trained)
         score = metrics["dev_nll"] if self.cfg.best_metric == "loss" else metrics[self.cfg.best_metric]
         better = self._is_better(score)
-        self.log_record({"type": "average", "step": self.pos.step, "averaged": len(paths), **metrics,
-                         "best": better})
-        log.info("average of %d checkpoints: %s=%.4g (%s than best)", len(paths), self.cfg.best_metric, score,
-                 "better" if better else "not better")
+        self.log_record({"type": "average", "step": self.pos.step, "averaged": len(paths), **metrics, "best": better})
+        log.info(
+            "average of %d checkpoints: %s=%.4g (%s than best)",
+            len(paths),
+            self.cfg.best_metric,
+            score,
+            "better" if better else "not better",
+        )
         if better:
             self.pos.best_score = score
             link_checkpoint(self.run_dir.average, self.run_dir.best)
@@ -618,8 +703,16 @@ class Trainer:
             self._average()
         best = self.run_dir.best if self.run_dir.best.exists() else None
         dist.barrier(self.ctx)
-        return TrainResult(self.pos.step, self.pos.epoch, reason, self.pos.best_score, str(self.run_dir.last),
-                           str(best) if best else None, self.data.coverage, self.data.replay)
+        return TrainResult(
+            self.pos.step,
+            self.pos.epoch,
+            reason,
+            self.pos.best_score,
+            str(self.run_dir.last),
+            str(best) if best else None,
+            self.data.coverage,
+            self.data.replay,
+        )
 
 
 class _StepAborted(Exception):
@@ -627,8 +720,11 @@ class _StepAborted(Exception):
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def _set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
@@ -646,6 +742,7 @@ def _interruptible_backward(model: torch.nn.Module) -> None:
     emulated). A no-op gradient hook on each layer's output runs Python bytecode once per layer
     during the pass, where the interpreter handles pending signals.
     """
+
     def attach(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
         first = output[0] if isinstance(output, tuple) else output
         if isinstance(first, torch.Tensor) and first.requires_grad:
@@ -662,6 +759,7 @@ def _pass_gradient(grad: torch.Tensor) -> None:
 
 def _in_main_thread() -> bool:
     import threading
+
     return threading.current_thread() is threading.main_thread()
 
 

@@ -38,8 +38,18 @@ from .recipe import DecodeConfig, resolve_decode
 from .search import Ensemble, Hypothesis, translate_ids
 from .tokenizer import Tokenizer
 
-__all__ = ["Translator", "TranslateStats", "set_precision", "format_hypotheses", "run_decode", "LineInputs",
-           "read_constraints", "read_glossary", "read_prefixes", "glossary_constraints"]
+__all__ = [
+    "Translator",
+    "TranslateStats",
+    "set_precision",
+    "format_hypotheses",
+    "run_decode",
+    "LineInputs",
+    "read_constraints",
+    "read_glossary",
+    "read_prefixes",
+    "glossary_constraints",
+]
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,6 +72,7 @@ def set_precision(model: torch.nn.Module, precision: str, device: torch.device) 
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic
+
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
@@ -86,8 +97,14 @@ class Translator:
     workers are fixed here; the search fields may be varied per call (`options`).
     """
 
-    def __init__(self, paths: Sequence[Path], device: str = "cpu", threads: int = 0,
-                 options: Optional[dict[str, Any]] = None, recipe: Optional[DecodeConfig] = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        device: str = "cpu",
+        threads: int = 0,
+        options: Optional[dict[str, Any]] = None,
+        recipe: Optional[DecodeConfig] = None,
+    ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -143,10 +160,15 @@ class Translator:
             ids = ids[: self.max_src]
         return ids + [self.tokenizer.eos_id]
 
-    def translate_window(self, lines: Sequence[str], opts: Optional[DecodeConfig] = None, first_line_no: int = 1,
-                         on_batch: Optional[Callable[[int, int], None]] = None,
-                         constraints: Optional[Sequence[Sequence[str]]] = None,
-                         prefixes: Optional[Sequence[str]] = None) -> list[list[Hypothesis]]:
+    def translate_window(
+        self,
+        lines: Sequence[str],
+        opts: Optional[DecodeConfig] = None,
+        first_line_no: int = 1,
+        on_batch: Optional[Callable[[int, int], None]] = None,
+        constraints: Optional[Sequence[Sequence[str]]] = None,
+        prefixes: Optional[Sequence[str]] = None,
+    ) -> list[list[Hypothesis]]:
         """Translate a list of lines (with `opts`, default the config in force); empty ones give an
         empty hypothesis list. constraints[i]: target phrases line i's output must contain;
         prefixes[i]: text its output starts with."""
@@ -158,16 +180,31 @@ class Translator:
         ids = [self.encode(cleaned[i], first_line_no + i) for i in todo]
         cons = None if constraints is None else [self.encode_constraints(constraints[i]) for i in todo]
         pre = None if prefixes is None else [self.tokenizer.encode_tgt(prefixes[i]) for i in todo]
-        hyps = translate_ids(self.model, ids, opts, self.device, self.tokenizer.pad_id, on_batch, self.workers,
-                             self.autocast, cons, pre, None if cons is None else self.word_continuations())
+        hyps = translate_ids(
+            self.model,
+            ids,
+            opts,
+            self.device,
+            self.tokenizer.pad_id,
+            on_batch,
+            self.workers,
+            self.autocast,
+            cons,
+            pre,
+            None if cons is None else self.word_continuations(),
+        )
         out: list[list[Hypothesis]] = [[] for _ in lines]
         for i, h in zip(todo, hyps):
             out[i] = h
             self.stats.target_tokens += sum(len(x.tokens) for x in h[:1])
             if h and h[0].unmet:
                 self.stats.unmet_lines.append(first_line_no + i)
-                log.warning("line %d: %d of its %d constraints not met within the length limit",
-                            first_line_no + i, h[0].unmet, len(constraints[i]) if constraints else 0)
+                log.warning(
+                    "line %d: %d of its %d constraints not met within the length limit",
+                    first_line_no + i,
+                    h[0].unmet,
+                    len(constraints[i]) if constraints else 0,
+                )
         self._last_ids = dict(zip(todo, ids))
         return out
 
@@ -194,14 +231,20 @@ class Translator:
     def alignments(self, hyps: Sequence[list[Hypothesis]], n_best: int) -> list[list[str]]:
         """Pharaoh word alignments (see align.py) of the hypotheses of the last translate_window."""
         from .align import align_batch
+
         model = self.model.models[0] if isinstance(self.model, Ensemble) else self.model
-        pairs = [(i, h) for i, hs in enumerate(hyps) if hs for h in hs[:max(1, n_best)]]
+        pairs = [(i, h) for i, hs in enumerate(hyps) if hs for h in hs[: max(1, n_best)]]
         out: list[list[str]] = [[] for _ in hyps]
         for start in range(0, len(pairs), 64):
-            chunk = pairs[start:start + 64]
+            chunk = pairs[start : start + 64]
             with torch.inference_mode(), self.autocast():
-                links = align_batch(model, self.tokenizer, [self._last_ids[i] for i, _ in chunk],
-                                    [h.tokens for _, h in chunk], self.device)
+                links = align_batch(
+                    model,
+                    self.tokenizer,
+                    [self._last_ids[i] for i, _ in chunk],
+                    [h.tokens for _, h in chunk],
+                    self.device,
+                )
             for (i, _), a in zip(chunk, links):
                 out[i].append(a)
         return out
@@ -214,10 +257,12 @@ class Translator:
         return "".join(pieces).replace("\u2581", " ").strip()
 
 
-def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int, n_best: int,
-                      alignments: Optional[list[str]] = None) -> list[str]:
+def format_hypotheses(
+    translator: Translator, hyps: list[Hypothesis], index: int, n_best: int, alignments: Optional[list[str]] = None
+) -> list[str]:
     """1-best: the detokenised text (empty for an empty input line); n-best: 'index<TAB>score<TAB>text'
     rows. With alignments (one Pharaoh string per hypothesis), each row gains '<TAB>alignment'."""
+
     def tail(j: int) -> str:
         if alignments is None:
             return ""
@@ -230,8 +275,7 @@ def format_hypotheses(translator: Translator, hyps: list[Hypothesis], index: int
     return [f"{index}\t{h.score:.4f}\t{translator.detok(h)}" + tail(j) for j, h in enumerate(hyps[:n_best])]
 
 
-def translate_split(translator: Translator, lines: Sequence[str], opts: Optional[DecodeConfig] = None
-                    ) -> list[str]:
+def translate_split(translator: Translator, lines: Sequence[str], opts: Optional[DecodeConfig] = None) -> list[str]:
     """Translate each line as a document: split into sentences, translate them all in one window,
     rejoin per line (the same split and join as `translate serve`)."""
     from .segment import join_document, split_document
@@ -243,16 +287,18 @@ def translate_split(translator: Translator, lines: Sequence[str], opts: Optional
     texts = [translator.detok(h[0]) if h else "" for h in hyps]
     out, start = [], 0
     for d in docs:
-        out.append(join_document(d, texts[start:start + len(d.sentences)]))
+        out.append(join_document(d, texts[start : start + len(d.sentences)]))
         start += len(d.sentences)
     return out
 
 
 # ---------------------------------------------------------- document decoding inputs (issue 18)
 
+
 def read_constraints(path: Path, errors: str = "strict") -> list[list[str]]:
     """One line per input line: target phrases separated by tabs; an empty line = no constraint."""
     from .data import iter_lines
+
     out = []
     for n, line in enumerate(iter_lines(path, errors, {}), 1):
         line = line.rstrip("\r\n")
@@ -269,6 +315,7 @@ def read_constraints(path: Path, errors: str = "strict") -> list[list[str]]:
 def read_prefixes(path: Path, errors: str = "strict") -> list[str]:
     """One line per input line: the text its translation starts with (empty = none)."""
     from .data import iter_lines
+
     return [clean_line(x) for x in iter_lines(path, errors, {})]
 
 
@@ -276,6 +323,7 @@ def read_glossary(path: Path, errors: str = "strict") -> list[tuple[re.Pattern[s
     """'source term<TAB>target term' lines (blank lines skipped) → (source pattern, target term).
     A term matches case-insensitively at word boundaries (not inside a longer word)."""
     from .data import iter_lines
+
     out = []
     for n, line in enumerate(iter_lines(path, errors, {}), 1):
         line = line.rstrip("\r\n")
@@ -301,9 +349,8 @@ def _slice(rows: Optional[list], start: int, n: int, path: Optional[Path]) -> Op
     if rows is None:
         return None
     if start + n > len(rows):
-        raise DataError(f"{path}: has {len(rows)} lines but the input has more "
-                        f"(line {len(rows) + 1} is missing)")
-    return rows[start:start + n]
+        raise DataError(f"{path}: has {len(rows)} lines but the input has more (line {len(rows) + 1} is missing)")
+    return rows[start : start + n]
 
 
 @dataclass(frozen=True)
@@ -317,9 +364,18 @@ class LineInputs:
     split_sentences: bool = False  # cut each line into sentences, translate them, rejoin (one line per line)
 
 
-def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str, Any], stream: bool = False,
-               device: str = "auto", threads: int = 0, encoding_errors: str = "strict",
-               recipe: Optional[DecodeConfig] = None, inputs: LineInputs = LineInputs()) -> TranslateStats:
+def run_decode(
+    paths: Sequence[Path],
+    input: str,
+    output: str,
+    options: dict[str, Any],
+    stream: bool = False,
+    device: str = "auto",
+    threads: int = 0,
+    encoding_errors: str = "strict",
+    recipe: Optional[DecodeConfig] = None,
+    inputs: LineInputs = LineInputs(),
+) -> TranslateStats:
     """The `translate decode` workflow: read lines, translate in order, write atomically, report.
 
     `options` are the command line's decoding settings (None = not given); `recipe` a recipe's
@@ -341,6 +397,7 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
     prefix_rows = None if prefix_file is None else read_prefixes(Path(prefix_file), encoding_errors)
     if input != "-" and (cons_rows is not None or prefix_rows is not None):
         from .data import iter_lines
+
         n_input = sum(1 for _ in iter_lines(Path(input), encoding_errors, {}))
         for rows_, path in ((cons_rows, constraints_file), (prefix_rows, prefix_file)):
             if rows_ is not None and len(rows_) != n_input:
@@ -349,10 +406,13 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
     opts = translator.config
     if (cons_rows is not None or glossary is not None) and opts.sample:
         raise DataError("--constraints and --glossary need beam search, not --sample")
-    if inputs.split_sentences and (opts.n_best > 1 or inputs.align or cons_rows is not None
-                                   or glossary is not None or prefix_rows is not None):
-        raise DataError("--split-sentences gives one line per input line: it does not go with --n-best, --align, "
-                        "--constraints, --glossary or --prefix")
+    if inputs.split_sentences and (
+        opts.n_best > 1 or inputs.align or cons_rows is not None or glossary is not None or prefix_rows is not None
+    ):
+        raise DataError(
+            "--split-sentences gives one line per input line: it does not go with --n-best, --align, "
+            "--constraints, --glossary or --prefix"
+        )
     counts: dict = {}
     from_stdin = input == "-"
     if from_stdin:
@@ -373,8 +433,11 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
                 pre = _slice(prefix_rows, index, len(chunk), prefix_file)
                 hyps = translator.translate_window(chunk, opts, index + 1, constraints=cons, prefixes=pre)
                 aligned = translator.alignments(hyps, opts.n_best) if inputs.align else [None] * len(hyps)
-                rows = [r for i, (h, a) in enumerate(zip(hyps, aligned))
-                        for r in format_hypotheses(translator, h, index + i, opts.n_best, a)]
+                rows = [
+                    r
+                    for i, (h, a) in enumerate(zip(hyps, aligned))
+                    for r in format_hypotheses(translator, h, index + i, opts.n_best, a)
+                ]
             out.write_lines(rows, flush=from_stdin or output == "-")
             index += len(chunk)
             if not from_stdin:
@@ -392,9 +455,15 @@ def run_decode(paths: Sequence[Path], input: str, output: str, options: dict[str
     if not from_stdin:
         sys.stderr.write("\n")
     if s.unmet_lines:
-        log.warning("%d lines did not meet all their constraints within the length limit (lines %s)",
-                    len(s.unmet_lines), ", ".join(map(str, s.unmet_lines[:20])))
+        log.warning(
+            "%d lines did not meet all their constraints within the length limit (lines %s)",
+            len(s.unmet_lines),
+            ", ".join(map(str, s.unmet_lines[:20])),
+        )
     if s.truncated or counts.get("replaced_lines"):
-        log.warning("%d lines truncated to the model's length limit, %d lines with invalid UTF-8 replaced",
-                    s.truncated, counts.get("replaced_lines", 0))
+        log.warning(
+            "%d lines truncated to the model's length limit, %d lines with invalid UTF-8 replaced",
+            s.truncated,
+            counts.get("replaced_lines", 0),
+        )
     return s

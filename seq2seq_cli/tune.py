@@ -29,8 +29,9 @@ __all__ = ["tune"]
 log = logging.getLogger(__name__)
 
 
-def _dev_text(translator: Translator, src: Optional[Path], ref: Optional[Path],
-              max_sentences: int) -> tuple[list[str], list[str]]:
+def _dev_text(
+    translator: Translator, src: Optional[Path], ref: Optional[Path], max_sentences: int
+) -> tuple[list[str], list[str]]:
     if (src is None) != (ref is None):
         raise CheckpointError("give both --src and --ref, or neither (to use the recipe's dev set)")
     if src is not None and ref is not None:
@@ -51,9 +52,18 @@ def _bleu(translator: Translator, lines: list[str], refs: list[str], **opts: Any
     return dev_scores([translator.detok(h[0]) if h else "" for h in hyps], refs, ("bleu",))["bleu"]
 
 
-def tune(path: Path, beams: Sequence[int], alphas: Sequence[float], betas: Sequence[float],
-         src: Optional[Path] = None, ref: Optional[Path] = None, max_sentences: int = 500,
-         output: Optional[Path] = None, device: str = "cpu", threads: int = 0) -> dict[str, Any]:
+def tune(
+    path: Path,
+    beams: Sequence[int],
+    alphas: Sequence[float],
+    betas: Sequence[float],
+    src: Optional[Path] = None,
+    ref: Optional[Path] = None,
+    max_sentences: int = 500,
+    output: Optional[Path] = None,
+    device: str = "cpu",
+    threads: int = 0,
+) -> dict[str, Any]:
     """Grid-search decode settings on dev; write the best into the checkpoint (or `output`)."""
     translator = Translator([path], device, threads)
     lines, refs = _dev_text(translator, src, ref, max_sentences)
@@ -74,8 +84,9 @@ def tune(path: Path, beams: Sequence[int], alphas: Sequence[float], betas: Seque
             trial(best["beam"], best["alpha"], beta)
     best = max(trials, key=lambda t: (t["bleu"], -t["beam"]))
     ckpt = load_checkpoint(path)
-    decode = ckpt.decode.model_copy(update={"beam": best["beam"], "alpha": best["alpha"], "beta": best["beta"],
-                                            "n_best": 1, "sample": False})
+    decode = ckpt.decode.model_copy(
+        update={"beam": best["beam"], "alpha": best["alpha"], "beta": best["beta"], "n_best": 1, "sample": False}
+    )
     target = output or path
     save_checkpoint(target, replace(ckpt, decode=decode))
     return {"best": best, "trials": trials, "dev_sentences": len(lines), "checkpoint": str(target)}

@@ -25,17 +25,32 @@ import pytest  # noqa: E402
 
 E2E_REPO = Path(__file__).resolve().parents[1]
 E2E_RECIPE = E2E_REPO / "recipes" / "tiny.yaml"
-E2E_SMALL = {"train.max_steps": 120, "train.valid_every": 60, "train.log_every": 20,
-             "train.valid_max_sentences": 20, "train.lr_factor": 0.5, "train.warmup_steps": 30,
-             "train.batch_tokens": 1024, "data.train.max_lines": 1000, "data.dev.max_lines": 20,
-             "data.test.max_lines": 20, "tokenizer.vocab_size": 100, "model.d_model": 32,
-             "model.ff_dim": 64, "train.threads": 1}
+E2E_SMALL = {
+    "train.max_steps": 120,
+    "train.valid_every": 60,
+    "train.log_every": 20,
+    "train.valid_max_sentences": 20,
+    "train.lr_factor": 0.5,
+    "train.warmup_steps": 30,
+    "train.batch_tokens": 1024,
+    "data.train.max_lines": 1000,
+    "data.dev.max_lines": 20,
+    "data.test.max_lines": 20,
+    "tokenizer.vocab_size": 100,
+    "model.d_model": 32,
+    "model.ff_dim": 64,
+    "train.threads": 1,
+}
 # A word-for-word "translation" task that the small model learns within ~100 updates, so that
 # translations depend on the input (the Bible slice would need far more steps than a test can pay).
-E2E_EN = ("one two three four five six seven eight nine ten red blue green black white big small old new "
-          "good bad king queen house water fire earth light dark day").split()
-E2E_ES = ("uno dos tres cuatro cinco seis siete ocho nueve diez rojo azul verde negro blanco grande chico "
-          "viejo nuevo bueno malo rey reina casa agua fuego tierra luz oscuro dia").split()
+E2E_EN = (
+    "one two three four five six seven eight nine ten red blue green black white big small old new "
+    "good bad king queen house water fire earth light dark day"
+).split()
+E2E_ES = (
+    "uno dos tres cuatro cinco seis siete ocho nueve diez rojo azul verde negro blanco grande chico "
+    "viejo nuevo bueno malo rey reina casa agua fuego tierra luz oscuro dia"
+).split()
 
 
 def e2e_write_corpus(directory: Path) -> dict[str, str]:
@@ -49,8 +64,11 @@ def e2e_write_corpus(directory: Path) -> dict[str, str]:
         (directory / f"{name}.en").write_text("".join(x + "\n" for x in src), encoding="utf-8")
         tgt = [" ".join(mapping[w] for w in x.split()) for x in src]
         (directory / f"{name}.es").write_text("".join(x + "\n" for x in tgt), encoding="utf-8")
-    return {f"data.{name}.{side}": str(directory / f"{name}.{ext}") for name in ("train", "dev", "test")
-            for side, ext in (("src", "en"), ("tgt", "es"))}
+    return {
+        f"data.{name}.{side}": str(directory / f"{name}.{ext}")
+        for name in ("train", "dev", "test")
+        for side, ext in (("src", "en"), ("tgt", "es"))
+    }
 
 
 @dataclass
@@ -66,8 +84,12 @@ class E2E:
 
     def overrides(self, output_dir: Path, **extra: Any) -> list[str]:
         """KEY=VALUE overrides for the small recipe (extra keys use __ for dots: train__max_steps=5)."""
-        values = {"output_dir": str(output_dir), **E2E_SMALL, **self.data,
-                  **{k.replace("__", "."): v for k, v in extra.items()}}
+        values = {
+            "output_dir": str(output_dir),
+            **E2E_SMALL,
+            **self.data,
+            **{k.replace("__", "."): v for k, v in extra.items()},
+        }
         return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
 
     def set_args(self, output_dir: Path, **extra: Any) -> list[str]:
@@ -76,6 +98,7 @@ class E2E:
     def load(self, output_dir: Path, **extra: Any):
         """The validated Recipe for output_dir (seq2seq_cli.recipe.load_recipe)."""
         from seq2seq_cli.recipe import load_recipe
+
         return load_recipe(self.recipe, self.overrides(output_dir, **extra))
 
     @property
@@ -92,8 +115,7 @@ class E2E:
 
     @staticmethod
     def env() -> dict[str, str]:
-        return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "COLUMNS": "200"}
+        return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 
     @staticmethod
     def cli() -> list[str]:
@@ -123,6 +145,7 @@ def interrupt_and_wait(proc, timeout: float, what: str) -> str:
     """Send SIGINT to a subprocess started with text pipes; return its stderr (fail on a hang)."""
     import signal
     import subprocess
+
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=timeout)

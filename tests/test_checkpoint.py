@@ -34,7 +34,10 @@ SENTENCES = ["one two three", "", "the king and the queen", "water fire earth li
 def _decode(path: Path) -> list[str]:
     t = Translator([path], "cpu", threads=1)
     opts = t.options(beam=2)
-    return [t.detok(h[0]) if h else "" for h in t.translate_window(SENTENCES, opts.model_copy(update={"batch_tokens": 4096}))]
+    return [
+        t.detok(h[0]) if h else ""
+        for h in t.translate_window(SENTENCES, opts.model_copy(update={"batch_tokens": 4096}))
+    ]
 
 
 def _state(path: Path) -> dict:
@@ -74,10 +77,8 @@ def test_round_trip_keeps_weights_and_decodes_the_same(e2e, tmp_path: Path) -> N
     assert len(out_a) == 4 and out_a[1] == "" and out_a[0] != "" and len(set(out_a)) == 4
 
 
-
 @pytest.mark.parametrize("failure", ["disk_full", "interrupt"])
-def test_failed_save_keeps_previous_file_and_leaves_no_temp(e2e, tmp_path: Path, monkeypatch,
-                                                            failure: str) -> None:
+def test_failed_save_keeps_previous_file_and_leaves_no_temp(e2e, tmp_path: Path, monkeypatch, failure: str) -> None:
     target = tmp_path / "model.pt"
     save_checkpoint(target, _tiny(1, 1.0, e2e))
     before = target.read_bytes()
@@ -140,8 +141,9 @@ def test_flipped_byte_in_the_weights_is_refused(e2e, tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match="content hash mismatch") as info:
             load_checkpoint(path, mmap=mmap)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
-    out = subprocess.run([*e2e.cli(), "decode", str(path)], input="one two\n", capture_output=True, text=True,
-                         env=e2e.env(), timeout=120)
+    out = subprocess.run(
+        [*e2e.cli(), "decode", str(path)], input="one two\n", capture_output=True, text=True, env=e2e.env(), timeout=120
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "content hash mismatch" in out.stderr
 
 
@@ -218,8 +220,9 @@ def test_tokenizer_and_model_vocabulary_mismatch(e2e, tmp_path: Path) -> None:
     ckpt = load_checkpoint(e2e.last)
     emb = ckpt.weights["tgt_embed.weight"]
     path = tmp_path / "mismatch.pt"
-    save_checkpoint(path, replace(ckpt, weights={**ckpt.weights,
-                                                 "tgt_embed.weight": torch.zeros(emb.size(0) + 7, emb.size(1))}))
+    save_checkpoint(
+        path, replace(ckpt, weights={**ckpt.weights, "tgt_embed.weight": torch.zeros(emb.size(0) + 7, emb.size(1))})
+    )
     ckpt = load_checkpoint(path)
     with pytest.raises(CheckpointError, match=rf"\({emb.size(0)}\).*\({emb.size(0) + 7}\)") as info:
         load_model(ckpt)
@@ -252,8 +255,9 @@ def test_average_of_two_checkpoints_is_the_elementwise_mean(e2e, tmp_path: Path)
 
 def test_average_refuses_different_shapes(e2e, tmp_path: Path) -> None:
     ckpt = load_checkpoint(e2e.last)
-    other = {k: (torch.zeros(v.size(0) + 1, *v.shape[1:]) if k == "tgt_embed.weight" else v)
-             for k, v in ckpt.weights.items()}
+    other = {
+        k: (torch.zeros(v.size(0) + 1, *v.shape[1:]) if k == "tgt_embed.weight" else v) for k, v in ckpt.weights.items()
+    }
     path = tmp_path / "other.pt"
     save_checkpoint(path, replace(ckpt, weights=other))
     with pytest.raises(CheckpointError, match="cannot average"):
@@ -267,6 +271,7 @@ def test_prune_keeps_the_newest_n_by_step_number(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"y")
     prune_checkpoints(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["step-10.pt", "step-100.pt", "last.pt", "best.pt", "step-final.pt", "notes.txt"])
+        ["step-10.pt", "step-100.pt", "last.pt", "best.pt", "step-final.pt", "notes.txt"]
+    )
     prune_checkpoints(tmp_path, 1)
     assert [p.name for p in step_checkpoints(tmp_path)] == ["step-100.pt"]

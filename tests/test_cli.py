@@ -21,8 +21,9 @@ runner = CliRunner()
 
 
 def _sub(e2e, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*e2e.cli(), *args], input=input, capture_output=True, text=True, env=e2e.env(),
-                          timeout=timeout)
+    return subprocess.run(
+        [*e2e.cli(), *args], input=input, capture_output=True, text=True, env=e2e.env(), timeout=timeout
+    )
 
 
 def _flat(text: str) -> str:
@@ -32,6 +33,7 @@ def _flat(text: str) -> str:
 
 # ------------------------------------------------------------------------------------ help
 
+
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
@@ -39,8 +41,11 @@ def test_help_lists_every_command() -> None:
     assert set(COMMANDS) <= set(listed), listed
 
 
-@pytest.mark.parametrize("command", [["tokenizer"], ["train"], ["decode"], ["score"], ["run"], ["average"],
-                                     ["recipe", "show"]], ids=lambda c: " ".join(c))
+@pytest.mark.parametrize(
+    "command",
+    [["tokenizer"], ["train"], ["decode"], ["score"], ["run"], ["average"], ["recipe", "show"]],
+    ids=lambda c: " ".join(c),
+)
 def test_each_command_help_has_an_example(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
@@ -50,8 +55,7 @@ def test_each_command_help_has_an_example(command: list[str]) -> None:
 
 def test_python_dash_m_works_like_the_console_script(e2e) -> None:
     via_module = _sub(e2e, "--help")
-    via_script = subprocess.run(["translate", "--help"], capture_output=True, text=True, env=e2e.env(),
-                                timeout=60)
+    via_script = subprocess.run(["translate", "--help"], capture_output=True, text=True, env=e2e.env(), timeout=60)
     assert via_module.returncode == via_script.returncode == 0
     assert via_module.stderr == ""
     norm = via_module.stdout.replace("python -m seq2seq_cli", "translate")
@@ -61,6 +65,7 @@ def test_python_dash_m_works_like_the_console_script(e2e) -> None:
 
 
 # ------------------------------------------------------------------------------------ recipes
+
 
 def test_recipe_show_prints_the_resolved_recipe_with_defaults(e2e) -> None:
     result = runner.invoke(app, ["recipe", "show", str(e2e.recipe), "--set", "train.max_steps=10"])
@@ -106,6 +111,7 @@ def test_missing_recipe_file_exits_2(e2e, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ translate run
 
+
 def test_run_completes_all_four_stages_and_prints_bleu_with_signature(e2e) -> None:
     assert e2e.run_exit_code == 0
     result = json.loads(e2e.run_stdout)
@@ -140,8 +146,9 @@ def test_changing_decode_beam_reruns_only_decode_and_score(e2e, tmp_path: Path) 
     shutil.copytree(e2e.run_dir, copy)
     ckpt_mtime = (copy / "checkpoints" / "last.pt").stat().st_mtime_ns
     before = (copy / "test.hyp").stat().st_mtime_ns
-    result = runner.invoke(app, ["run", str(e2e.recipe), *e2e.set_args(copy), "--set", "decode.beam=1",
-                                 "--no-progress"])
+    result = runner.invoke(
+        app, ["run", str(e2e.recipe), *e2e.set_args(copy), "--set", "decode.beam=1", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["tokenizer"] == out["train"] == "skipped"
@@ -149,8 +156,7 @@ def test_changing_decode_beam_reruns_only_decode_and_score(e2e, tmp_path: Path) 
     assert out["decode"]["lines"] == 20
     assert (copy / "test.hyp").stat().st_mtime_ns != before
     assert (copy / "checkpoints" / "last.pt").stat().st_mtime_ns == ckpt_mtime
-    again = runner.invoke(app, ["run", str(e2e.recipe), *e2e.set_args(copy), "--set", "decode.beam=1",
-                                "--no-progress"])
+    again = runner.invoke(app, ["run", str(e2e.recipe), *e2e.set_args(copy), "--set", "decode.beam=1", "--no-progress"])
     assert set(json.loads(again.stdout)) == {"tokenizer", "train", "decode", "score"}
     assert json.loads(again.stdout)["decode"] == "skipped"
 
@@ -171,8 +177,7 @@ def test_average_command_writes_a_decodable_mean_checkpoint(e2e, tmp_path: Path)
     assert not torch.equal(a[key], b[key])
     torch.testing.assert_close(avg[key], (a[key] + b[key]) / 2, rtol=0, atol=1e-6)
     load_model(load_checkpoint(out))
-    bad = runner.invoke(app, ["average", str(steps[0]), str(tmp_path / "missing.pt"),
-                              "-o", str(tmp_path / "x.pt")])
+    bad = runner.invoke(app, ["average", str(steps[0]), str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.pt")])
     assert bad.exit_code == 2 and "missing.pt" in bad.stderr and not (tmp_path / "x.pt").exists()
 
 
@@ -180,15 +185,19 @@ def test_average_command_writes_a_decodable_mean_checkpoint(e2e, tmp_path: Path)
 
 HYPS = ["the cat sat on the mat", "a dog barked at the moon", "it is raining today", "he reads a good book"]
 REF1 = ["the cat sat on a mat", "the dog barked at the moon", "it rains today", "he is reading a book"]
-REF2 = ["a cat was sitting on the mat", "a dog was barking at the moon", "today it is raining",
-        "he reads a nice book"]
+REF2 = ["a cat was sitting on the mat", "a dog was barking at the moon", "today it is raining", "he reads a nice book"]
 
 
 @pytest.fixture()
 def score_files(tmp_path: Path) -> dict[str, Path]:
     files = {}
-    for name, lines in (("hyp", HYPS), ("ref1", REF1), ("ref2", REF2), ("base", [h.upper() for h in HYPS]),
-                        ("short", REF1[:3])):
+    for name, lines in (
+        ("hyp", HYPS),
+        ("ref1", REF1),
+        ("ref2", REF2),
+        ("base", [h.upper() for h in HYPS]),
+        ("short", REF1[:3]),
+    ):
         files[name] = tmp_path / f"{name}.txt"
         files[name].write_text("".join(x + "\n" for x in lines), encoding="utf-8")
     return files
@@ -201,9 +210,11 @@ def test_score_matches_sacrebleu(score_files, refs: list[str]) -> None:
     result = runner.invoke(app, ["score", str(score_files["hyp"]), *ref_files, "--json"])
     assert result.exit_code == 0, result.output
     scores = {s["name"]: s for s in json.loads(result.stdout)["scores"]}
-    expected = {"BLEU": sacrebleu.corpus_bleu(HYPS, ref_lines),
-                "chrF2": sacrebleu.corpus_chrf(HYPS, ref_lines),
-                "TER": sacrebleu.corpus_ter(HYPS, ref_lines)}
+    expected = {
+        "BLEU": sacrebleu.corpus_bleu(HYPS, ref_lines),
+        "chrF2": sacrebleu.corpus_chrf(HYPS, ref_lines),
+        "TER": sacrebleu.corpus_ter(HYPS, ref_lines),
+    }
     assert set(scores) == set(expected)
     for name, exp in expected.items():
         assert scores[name]["score"] == pytest.approx(exp.score, abs=1e-9), name
@@ -216,17 +227,19 @@ def test_score_matches_sacrebleu(score_files, refs: list[str]) -> None:
 
 
 def test_score_sentence_gives_one_row_per_line(score_files) -> None:
-    result = runner.invoke(app, ["score", str(score_files["hyp"]), str(score_files["ref1"]), "--sentence",
-                                 "--metrics", "bleu,chrf"])
+    result = runner.invoke(
+        app, ["score", str(score_files["hyp"]), str(score_files["ref1"]), "--sentence", "--metrics", "bleu,chrf"]
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     header = lines.index("line\tbleu\tchrf")
-    rows = lines[header + 1:]
+    rows = lines[header + 1 :]
     assert [r.split("\t")[0] for r in rows] == ["1", "2", "3", "4"]
     expected = [sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(HYPS, REF1)]
     assert [float(r.split("\t")[1]) for r in rows] == pytest.approx(expected, abs=0.006)
-    as_json = json.loads(runner.invoke(app, ["score", str(score_files["hyp"]), str(score_files["ref1"]),
-                                             "--sentence", "--json"]).stdout)
+    as_json = json.loads(
+        runner.invoke(app, ["score", str(score_files["hyp"]), str(score_files["ref1"]), "--sentence", "--json"]).stdout
+    )
     assert {k: len(v) for k, v in as_json["sentences"].items()} == {"bleu": 4, "chrf": 4, "ter": 4}
 
 
@@ -241,8 +254,18 @@ def test_score_mismatched_line_counts_exit_2_with_one_line(score_files) -> None:
 
 
 def test_score_with_baseline_prints_a_p_value(score_files) -> None:
-    result = runner.invoke(app, ["score", str(score_files["hyp"]), str(score_files["ref1"]),
-                                 "--metrics", "bleu", "--baseline", str(score_files["base"])])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            str(score_files["hyp"]),
+            str(score_files["ref1"]),
+            "--metrics",
+            "bleu",
+            "--baseline",
+            str(score_files["base"]),
+        ],
+    )
     assert result.exit_code == 0, result.output
     pattern = r"bleu: baseline (\d+\.\d\d) -> system (\d+\.\d\d) .*p = (\d\.\d{4}): (not )?significant"
     match = re.search(pattern, result.stdout, flags=re.I)

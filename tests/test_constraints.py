@@ -17,10 +17,11 @@ from seq2seq_cli.search import REPEAT_GUARD_MAX_N, beam_search, greedy_search, s
 
 def contains(tokens: list[int], phrase: list[int]) -> bool:
     n = len(phrase)
-    return any(tokens[i:i + n] == phrase for i in range(len(tokens) - n + 1))
+    return any(tokens[i : i + n] == phrase for i in range(len(tokens) - n + 1))
 
 
 # ------------------------------------------------------------------------------ state tracking
+
 
 def test_constraint_state_tracks_overlaps_exactly():
     cs = ConstraintSet(((A, A, B), (C,)))
@@ -45,10 +46,10 @@ def test_constraint_progress_resets_on_a_wrong_token():
 
 # ------------------------------------------------------------------------------ fake model
 
+
 def test_constraint_the_model_would_never_produce_appears():
     # B and C have probability 1e-6 everywhere (a real softmax never gives exactly 0)
-    model = FakeModel({(): {A: 0.9, EOS: 0.1, B: 1e-6, C: 1e-6}},
-                      default={EOS: 0.99, A: 0.01, B: 1e-6, C: 1e-6})
+    model = FakeModel({(): {A: 0.9, EOS: 0.1, B: 1e-6, C: 1e-6}}, default={EOS: 0.99, A: 0.01, B: 1e-6, C: 1e-6})
     plain = beam_search(model, SRC3, opts(beam=3))[0][0]
     assert C not in plain.tokens
     for phrase in ([C], [C, B, C], [B, A, C, C]):
@@ -73,8 +74,10 @@ def test_no_eos_before_constraints_are_met_and_scores_are_model_log_probs():
 
 def test_a_completed_constraint_is_not_continued_into_a_longer_word():
     # after B the model wants C (think "Cristo" + "s"); C is marked as a word-continuation piece
-    model = FakeModel({(): {B: 0.1, A: 0.8, EOS: 0.1}, (B,): {C: 0.9, EOS: 0.05, A: 0.05},
-                       (A, B): {C: 0.9, EOS: 0.05, A: 0.05}}, default={EOS: 0.9, A: 0.05, B: 0.05})
+    model = FakeModel(
+        {(): {B: 0.1, A: 0.8, EOS: 0.1}, (B,): {C: 0.9, EOS: 0.05, A: 0.05}, (A, B): {C: 0.9, EOS: 0.05, A: 0.05}},
+        default={EOS: 0.9, A: 0.05, B: 0.05},
+    )
     free = beam_search(model, SRC3, opts(), constraints=[[[B]]])[0][0]
     assert contains(free.tokens, [B, C])
     continuation = torch.zeros(6, dtype=torch.bool)
@@ -94,6 +97,7 @@ def test_unmeetable_constraints_return_the_hypothesis_that_met_most():
 
 # ------------------------------------------------------------------------------ real Transformer
 
+
 def _rare_tokens(model, src, k: int) -> list[int]:
     """Tokens the unconstrained search never produces."""
     used = {t for hyps in beam_search(model, src, real_opts(n_best=4)) for h in hyps for t in h.tokens}
@@ -109,7 +113,7 @@ def test_every_constraint_appears_on_transformer(transformer, batch, beam):  # n
     for i in range(src.size(0)):
         n = 1 + i % 3
         phrases = [[int(t) for t in torch.randint(4, 40, (1 + (i + j) % 3,), generator=g)] for j in range(n)]
-        phrases[0] = rare[i % len(rare):i % len(rare) + 2]  # multi-piece, never produced unconstrained
+        phrases[0] = rare[i % len(rare) : i % len(rare) + 2]  # multi-piece, never produced unconstrained
         constraints.append(phrases)
     o = real_opts(beam=beam, max_len_b=15)
     results = search(transformer, src, o, constraints=constraints)
@@ -135,8 +139,9 @@ def test_constraints_are_batch_invariant(transformer, batch):  # noqa: F811
     constraints = [[[5, 6]], [[7]], [], [[9, 9], [11]], [[13]]]
     o = real_opts(max_len_b=10)
     together = beam_search(transformer, src, o, constraints=constraints)
-    alone = [beam_search(transformer, src[i:i + 1, :n], o, constraints=[constraints[i]])[0]
-             for i, n in enumerate(lengths)]
+    alone = [
+        beam_search(transformer, src[i : i + 1, :n], o, constraints=[constraints[i]])[0] for i, n in enumerate(lengths)
+    ]
     assert_same(together, alone)
 
 
@@ -148,9 +153,9 @@ def test_sampling_with_constraints_is_refused(transformer, batch):  # noqa: F811
 
 # ------------------------------------------------------------------------------ prefixes
 
+
 def test_prefix_is_forced_and_its_log_probs_count():
-    model = FakeModel({(): {A: 0.6, B: 0.4}, (A,): {EOS: 1.0}, (B,): {C: 0.6, EOS: 0.3, B: 0.1},
-                       (B, C): {EOS: 1.0}})
+    model = FakeModel({(): {A: 0.6, B: 0.4}, (A,): {EOS: 1.0}, (B,): {C: 0.6, EOS: 0.3, B: 0.1}, (B, C): {EOS: 1.0}})
     for search_fn in (greedy_search, beam_search):
         assert search_fn(model, SRC3, opts())[0][0].tokens == [A]
         hyp = search_fn(model, SRC3, opts(), prefixes=[[B]])[0][0]
@@ -171,8 +176,7 @@ def test_prefix_on_transformer(transformer, batch):  # noqa: F811
         forced = search(transformer, src, o, prefixes=[[30, 31, 32]] * src.size(0))
         assert all(h[0].tokens[:3] == [30, 31, 32] for h in forced)
     # a prefix longer than max_len is still produced in full, then EOS
-    long = greedy_search(transformer, src[:1], real_opts(max_len_a=0.0, max_len_b=2),
-                         prefixes=[[30, 31, 32, 33]])
+    long = greedy_search(transformer, src[:1], real_opts(max_len_a=0.0, max_len_b=2), prefixes=[[30, 31, 32, 33]])
     assert long[0][0].tokens == [30, 31, 32, 33]
     # sampling keeps the prefix too
     sampled = sample(transformer, src, real_opts(sample=True, temperature=1.5), prefixes=[[30]] * src.size(0))
@@ -181,13 +185,14 @@ def test_prefix_on_transformer(transformer, batch):  # noqa: F811
 
 # ------------------------------------------------------------------------------ repetition guard
 
+
 def _longest_tandem(tokens: list[int]) -> int:
     """The largest k such that some n-gram (n <= REPEAT_GUARD_MAX_N) occurs k times in a row."""
     best = 1 if tokens else 0
     for n in range(1, REPEAT_GUARD_MAX_N + 1):
         for i in range(len(tokens)):
             k = 1
-            while tokens[i + k * n:i + (k + 1) * n] == tokens[i:i + n] and len(tokens[i:i + n]) == n:
+            while tokens[i + k * n : i + (k + 1) * n] == tokens[i : i + n] and len(tokens[i : i + n]) == n:
                 k += 1
             best = max(best, k)
     return best
@@ -198,8 +203,10 @@ def test_repeat_guard_stops_loops(k):
     model = FakeModel({}, default=LOOP)  # A forever
     looping = greedy_search(model, SRC3, opts(max_len_b=30))[0][0].tokens
     assert _longest_tandem(looping) == 30
-    for result in (greedy_search(model, SRC3, opts(max_len_b=30, repeat_guard=k)),
-                   beam_search(model, SRC3, opts(beam=3, n_best=3, max_len_b=30, repeat_guard=k))):
+    for result in (
+        greedy_search(model, SRC3, opts(max_len_b=30, repeat_guard=k)),
+        beam_search(model, SRC3, opts(beam=3, n_best=3, max_len_b=30, repeat_guard=k)),
+    ):
         for h in result[0]:
             assert _longest_tandem(h.tokens) < k, h.tokens
     assert greedy_search(model, SRC3, opts(max_len_b=30, repeat_guard=3))[0][0].tokens[:3] == [A, A, B]
@@ -207,11 +214,11 @@ def test_repeat_guard_stops_loops(k):
 
 def test_repeat_guard_off_is_unchanged(transformer, batch):  # noqa: F811
     src, _ = batch
-    assert_same(beam_search(transformer, src, real_opts(repeat_guard=0)),
-                beam_search(transformer, src, real_opts()))
+    assert_same(beam_search(transformer, src, real_opts(repeat_guard=0)), beam_search(transformer, src, real_opts()))
 
 
 # ------------------------------------------------------------------------------ temperature 0
+
 
 def test_temperature_zero_is_greedy(transformer, batch):  # noqa: F811
     src, _ = batch
@@ -224,8 +231,10 @@ def test_temperature_zero_is_greedy(transformer, batch):  # noqa: F811
 
 # ------------------------------------------------------------------------------ alignments
 
+
 def test_word_grouping_and_pharaoh():
     from seq2seq_cli.align import hard_alignment, pharaoh, word_attention, word_starts
+
     assert word_starts(["\u2581the", "\u2581ho", "use", "\u2581", "."]) == [0, 1, 1, 2, 2]
     assert word_starts(["ab", "\u2581c"]) == [0, 1]
     attn = torch.tensor([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])  # 3 target x 3 source pieces
@@ -236,11 +245,17 @@ def test_word_grouping_and_pharaoh():
 
 # ------------------------------------------------------------------------------ command line
 
+
 def _decode(e2e, tmp_path: Path, lines: list[str], *args: str) -> subprocess.CompletedProcess:
     src = tmp_path / "in.txt"
     src.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-    return subprocess.run([*e2e.cli(), "decode", str(e2e.best), "-i", str(src), "--threads", "1", *args],
-                          capture_output=True, text=True, env=e2e.env(), timeout=300)
+    return subprocess.run(
+        [*e2e.cli(), "decode", str(e2e.best), "-i", str(src), "--threads", "1", *args],
+        capture_output=True,
+        text=True,
+        env=e2e.env(),
+        timeout=300,
+    )
 
 
 LINES = ["one two three", "red house", "", "the king and the queen", "big water"]
@@ -283,6 +298,7 @@ def test_cli_glossary(e2e, tmp_path, plain_output):
 
 def test_glossary_matching_is_case_insensitive_and_word_bounded(tmp_path):
     from seq2seq_cli.translate import glossary_constraints, read_glossary
+
     path = tmp_path / "terms.tsv"
     path.write_text("King\trey\nkin\tpariente\nNew  York\tNueva York\n\nC++\tC++\n", encoding="utf-8")
     g = read_glossary(path)
@@ -293,12 +309,15 @@ def test_glossary_matching_is_case_insensitive_and_word_bounded(tmp_path):
     assert glossary_constraints(g, "newyork") == []
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("cons.txt", "a\n\n\n", "cons.txt: has 3 lines but "),
-    ("cons.txt", "a\n\n\n\n\n\n", "cons.txt: has 6 lines but "),
-    ("cons.txt", "a\n\nb\t\tc\n\n\n", "cons.txt: line 3: empty constraint"),
-    ("terms.tsv", "king\trey\nqueen reina\n", "terms.tsv: line 2: expected 'source term<TAB>target term'"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("cons.txt", "a\n\n\n", "cons.txt: has 3 lines but "),
+        ("cons.txt", "a\n\n\n\n\n\n", "cons.txt: has 6 lines but "),
+        ("cons.txt", "a\n\nb\t\tc\n\n\n", "cons.txt: line 3: empty constraint"),
+        ("terms.tsv", "king\trey\nqueen reina\n", "terms.tsv: line 2: expected 'source term<TAB>target term'"),
+    ],
+)
 def test_cli_bad_document_inputs(e2e, tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
@@ -309,16 +328,24 @@ def test_cli_bad_document_inputs(e2e, tmp_path, name, content, message):
     assert "Traceback" not in res.stderr and not (tmp_path / "out.txt").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ("a\n\n", "cons.txt: has 2 lines but the input has more (line 3 is missing)"),
-    ("a\n\n\n\n\n\n", "cons.txt: has 6 lines but the input has 5"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("a\n\n", "cons.txt: has 2 lines but the input has more (line 3 is missing)"),
+        ("a\n\n\n\n\n\n", "cons.txt: has 6 lines but the input has 5"),
+    ],
+)
 def test_cli_constraint_line_count_on_stdin(e2e, tmp_path, content, message):
     path = tmp_path / "cons.txt"
     path.write_text(content, encoding="utf-8")
-    res = subprocess.run([*e2e.cli(), "decode", str(e2e.best), "--threads", "1", "--constraints", str(path)],
-                         input="".join(x + "\n" for x in LINES), capture_output=True, text=True,
-                         env=e2e.env(), timeout=300)
+    res = subprocess.run(
+        [*e2e.cli(), "decode", str(e2e.best), "--threads", "1", "--constraints", str(path)],
+        input="".join(x + "\n" for x in LINES),
+        capture_output=True,
+        text=True,
+        env=e2e.env(),
+        timeout=300,
+    )
     assert res.returncode == 2 and message in res.stderr.strip().splitlines()[-1], res.stderr
 
 
@@ -367,6 +394,7 @@ def copy_model():
     """A small Transformer trained here to copy its input (monotone), ~15 s on one thread."""
     from seq2seq_cli.model import build_model
     from seq2seq_cli.recipe import ModelConfig
+
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, ff_dim=128, dropout=0.0)
     model = build_model(cfg, 24, 24, 0, 2, 3)
@@ -387,6 +415,7 @@ def test_alignment_of_a_copy_model_is_diagonal(copy_model):
     from types import SimpleNamespace
 
     from seq2seq_cli.align import align_batch
+
     g = torch.Generator().manual_seed(5)
     srcs = [(torch.randperm(20, generator=g)[:n] + 4).tolist() for n in (3, 6, 8, 10)]
     outs = greedy_search(copy_model, torch.tensor([srcs[-1] + [3]]), real_opts(beam=1))[0][0].tokens

@@ -39,18 +39,22 @@ def pair(tmp_path: Path, src: str | bytes, tgt: str | bytes, **kw) -> Split:
 
 # ------------------------------------------------------------------------------ clean_line
 
-@pytest.mark.parametrize("raw,clean", [
-    ("\ufeffhello", "hello"),
-    ("hello\r\n", "hello"),
-    ("hello\r", "hello"),
-    ("a\u200bb\u200cc\u200dd\u2060e", "abcde"),
-    ("a\x00b\x07c\x1bd\x7fe\x85f\x9fg", "abcdefg"),
-    ("a\tb\t\tc", "a b  c"),
-    ("\t  padded \t", "padded"),
-    ("mid\ufeffdle", "middle"),
-    ("caf\u00e9 \u00a1ol\u00e9! \u4e2d\u6587", "caf\u00e9 \u00a1ol\u00e9! \u4e2d\u6587"),  # untouched
-    ("", ""),
-])
+
+@pytest.mark.parametrize(
+    "raw,clean",
+    [
+        ("\ufeffhello", "hello"),
+        ("hello\r\n", "hello"),
+        ("hello\r", "hello"),
+        ("a\u200bb\u200cc\u200dd\u2060e", "abcde"),
+        ("a\x00b\x07c\x1bd\x7fe\x85f\x9fg", "abcdefg"),
+        ("a\tb\t\tc", "a b  c"),
+        ("\t  padded \t", "padded"),
+        ("mid\ufeffdle", "middle"),
+        ("caf\u00e9 \u00a1ol\u00e9! \u4e2d\u6587", "caf\u00e9 \u00a1ol\u00e9! \u4e2d\u6587"),  # untouched
+        ("", ""),
+    ],
+)
 def test_clean_line(raw: str, clean: str) -> None:
     assert clean_line(raw) == clean
 
@@ -66,6 +70,7 @@ def test_clean_line_properties(text: str) -> None:
 
 
 # ------------------------------------------------------------------------------ read_split
+
 
 def test_read_split_basic_and_bom_crlf(tmp_path: Path) -> None:
     split = pair(tmp_path, b"\xef\xbb\xbfHello\r\nWorld\r\n", "Hola\nMundo\n")
@@ -179,6 +184,7 @@ def test_max_lines(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ encode_pairs
 
+
 def test_encode_pairs_filters() -> None:
     class FakeTok:
         eos_id = EOS
@@ -200,6 +206,7 @@ def test_encode_pairs_filters() -> None:
 
 # ------------------------------------------------------------------------------ make_batches
 
+
 def random_lengths(n: int, seed: int) -> tuple[list[int], list[int]]:
     rng = random.Random(seed)
     src = [rng.randint(1, 40) for _ in range(n)]
@@ -209,8 +216,8 @@ def random_lengths(n: int, seed: int) -> tuple[list[int], list[int]]:
 @pytest.mark.parametrize("batch_tokens", [16, 64, 300])
 def test_make_batches_cover_and_respect_budget(batch_tokens: int) -> None:
     src, tgt = random_lengths(500, 1)
-    src[7], tgt[7] = 200, 3     # longer than any budget on the source side
-    tgt[9] = 400                # and on the target side
+    src[7], tgt[7] = 200, 3  # longer than any budget on the source side
+    tgt[9] = 400  # and on the target side
     batches = make_batches(src, tgt, batch_tokens, seed=3, epoch=0)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(500))
@@ -242,8 +249,11 @@ def test_make_batches_are_length_bucketed() -> None:
     assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
 
 
-@given(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=60),
-       st.integers(16, 120), st.integers(0, 5))
+@given(
+    st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=60),
+    st.integers(16, 120),
+    st.integers(0, 5),
+)
 @settings(max_examples=60, deadline=None)
 def test_make_batches_property(pairs, batch_tokens, epoch) -> None:
     src, tgt = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -255,18 +265,19 @@ def test_make_batches_property(pairs, batch_tokens, epoch) -> None:
 
 # ------------------------------------------------------------------------------ shard_batches
 
+
 @pytest.mark.parametrize("n,world,group", [(23, 2, 1), (23, 3, 2), (8, 4, 2), (5, 2, 1), (7, 1, 3)])
 def test_shard_batches(n: int, world: int, group: int) -> None:
     batches = [[i] for i in range(n)]
     shards = [shard_batches(batches, r, world, group) for r in range(world)]
     per_step = world * group
     usable = n - n % per_step
-    assert all(len(s) == usable // world for s in shards)          # equal size
+    assert all(len(s) == usable // world for s in shards)  # equal size
     flat = [b[0] for s in shards for b in s]
-    assert len(flat) == len(set(flat))                               # disjoint
-    assert sorted(flat) == list(range(usable))                       # the first usable batches
-    for step in range(usable // per_step):                           # each step consumes a block
-        got = sorted(b[0] for s in shards for b in s[step * group:(step + 1) * group])
+    assert len(flat) == len(set(flat))  # disjoint
+    assert sorted(flat) == list(range(usable))  # the first usable batches
+    for step in range(usable // per_step):  # each step consumes a block
+        got = sorted(b[0] for s in shards for b in s[step * group : (step + 1) * group])
         assert got == list(range(step * per_step, (step + 1) * per_step))
 
 
@@ -276,6 +287,7 @@ def test_shard_single_rank_is_identity() -> None:
 
 
 # ------------------------------------------------------------------------------ collate
+
 
 def test_collate() -> None:
     corpus = EncodedCorpus(src=[[5, 6, EOS], [7, EOS], [9, 9, 9, 9, EOS]], tgt=[[8, 9], [10], [4, 4, 4]])

@@ -24,22 +24,48 @@ import torch
 from seq2seq_cli.checkpoint import load_checkpoint
 from seq2seq_cli.data import make_batches, shard_batches
 
-pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable"),
-              pytest.mark.slow]  # the tests here start several processes
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable"),
+    pytest.mark.slow,
+]  # the tests here start several processes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.yaml"
-K = 4                 # steps of the base runs
-HANG_GUARD_S = 300    # a subprocess still running after this is a hang
-SMALL = {"data.train.max_lines": 400, "data.dev.max_lines": 10, "data.test.max_lines": 10,
-         "tokenizer.vocab_size": 200, "model.d_model": 32, "model.ff_dim": 64, "model.dropout": 0,
-         "model.attention_dropout": 0, "model.activation_dropout": 0, "train.max_steps": K,
-         "train.valid_every": 1000, "train.log_every": 1, "train.threads": 1, "train.batch_tokens": 512,
-         # a large enough learning rate and active clipping, so that a wrong loss normalisation
-         # across ranks moves the weights far beyond the 1e-5 tolerance (checked by hand: ~5e-2)
-         "train.warmup_steps": 8, "train.clip_norm": 0.5, "train.valid_max_sentences": 5}
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-             "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+K = 4  # steps of the base runs
+HANG_GUARD_S = 300  # a subprocess still running after this is a hang
+SMALL = {
+    "data.train.max_lines": 400,
+    "data.dev.max_lines": 10,
+    "data.test.max_lines": 10,
+    "tokenizer.vocab_size": 200,
+    "model.d_model": 32,
+    "model.ff_dim": 64,
+    "model.dropout": 0,
+    "model.attention_dropout": 0,
+    "model.activation_dropout": 0,
+    "train.max_steps": K,
+    "train.valid_every": 1000,
+    "train.log_every": 1,
+    "train.threads": 1,
+    "train.batch_tokens": 512,
+    # a large enough learning rate and active clipping, so that a wrong loss normalisation
+    # across ranks moves the weights far beyond the 1e-5 tolerance (checked by hand: ~5e-2)
+    "train.warmup_steps": 8,
+    "train.clip_norm": 0.5,
+    "train.valid_max_sentences": 5,
+}
+DIST_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -58,16 +84,18 @@ class Proc:
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200",
-               TRANSLATE_DIST_TIMEOUT_MIN="1")
+    env.update(
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200", TRANSLATE_DIST_TIMEOUT_MIN="1"
+    )
     return env
 
 
 def _run(args: list[str], timeout: float = HANG_GUARD_S) -> Proc:
     """Run args in a new session; on timeout kill that session's process group and fail."""
     t0 = time.monotonic()
-    p = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -97,8 +125,19 @@ def _torchrun() -> list[str]:
 
 def _torchrun_train(output_dir: Path, target: list[str], **extra) -> Proc:
     """torchrun --standalone (a free rendezvous port) --nproc-per-node 2 TARGET train RECIPE ..."""
-    return _run([*_torchrun(), "--standalone", "--nproc-per-node", "2", *target, "train", str(RECIPE),
-                 *_sets(output_dir, **extra), "--no-progress"])
+    return _run(
+        [
+            *_torchrun(),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *target,
+            "train",
+            str(RECIPE),
+            *_sets(output_dir, **extra),
+            "--no-progress",
+        ]
+    )
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -138,10 +177,12 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
     """fresh(name) -> a new output_dir holding only the shared tokenizer."""
+
     def make(name: str) -> Path:
         d = tmp_path_factory.mktemp(name)
         shutil.copytree(tokenizer_dir, d / "tokenizer")
         return d
+
     return make
 
 
@@ -170,8 +211,8 @@ def test_shard_batches_give_each_update_consecutive_global_batches(world: int, a
     steps = len(shards[0]) // accum
     assert steps == len(batches) // per_step
     for s in range(steps):  # update s consumes global batches [s*per_step, (s+1)*per_step), rank-major
-        got = [b for r in range(world) for b in shards[r][s * accum:(s + 1) * accum]]
-        assert got == batches[s * per_step:(s + 1) * per_step]
+        got = [b for r in range(world) for b in shards[r][s * accum : (s + 1) * accum]]
+        assert got == batches[s * per_step : (s + 1) * per_step]
 
 
 # ------------------------------------------------------------------------------------ 1. equivalence
@@ -186,10 +227,12 @@ def test_two_processes_equal_one_process_with_accumulation(two_proc, one_proc_ac
     # the comparison means something: the weights moved well beyond the tolerance from the init
     from seq2seq_cli.model import build_model
     from seq2seq_cli.tokenizer import Tokenizer
+
     tok = Tokenizer.load(d1 / "tokenizer")
     torch.manual_seed(c1.recipe.seed)
-    init = build_model(c1.recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id, tok.bos_id,
-                       tok.eos_id).state_dict()
+    init = build_model(
+        c1.recipe.model, tok.src_vocab_size, tok.tgt_vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
+    ).state_dict()
     assert _max_diff(init, c1.weights) > 1e-3
 
     # the logged training loss is normalised by the global batch's target tokens too
@@ -207,8 +250,14 @@ def test_two_processes_equal_one_process_with_accumulation(two_proc, one_proc_ac
 def test_only_rank0_writes_files(two_proc) -> None:
     d, _ = two_proc
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-    assert files == ["checkpoints/best.pt", "checkpoints/last.pt", f"checkpoints/step-{K}.pt", "metrics.jsonl",
-                     "tokenizer/spm.model", "tokenizer/spm.vocab"]
+    assert files == [
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        f"checkpoints/step-{K}.pt",
+        "metrics.jsonl",
+        "tokenizer/spm.model",
+        "tokenizer/spm.vocab",
+    ]
     records = _metrics(d)
     assert _train_steps(d) == list(range(1, K + 1)), "one train record per step, written once"
     assert [r["step"] for r in records if r["type"] == "valid"] == [K]

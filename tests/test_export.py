@@ -54,6 +54,7 @@ def exported(e2e, tmp_path_factory) -> tuple[Path, dict]:
 
 # ------------------------------------------------------------------------------ the export command
 
+
 def test_export_passes_parity_check_and_is_self_contained(e2e, exported) -> None:
     out, report = exported
     parity = report["parity"]
@@ -67,7 +68,10 @@ def test_export_passes_parity_check_and_is_self_contained(e2e, exported) -> None
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
     info = json.loads((out / EXPORT_INFO).read_text())
     ckpt = load_checkpoint(e2e.best)
-    assert info["decode"] == ckpt.decode.model_dump(mode="json") and info["max_positions"] == ckpt.recipe.model.max_positions
+    assert (
+        info["decode"] == ckpt.decode.model_dump(mode="json")
+        and info["max_positions"] == ckpt.recipe.model.max_positions
+    )
     assert info["parity"]["float32"]["greedy"]["exact"] == 1.0
 
 
@@ -90,11 +94,14 @@ def _random_checkpoint(e2e, directory: Path, joint: bool = True, **model: object
     return path
 
 
-@pytest.mark.parametrize("variant", [
-    {},
-    {"norm": "pre", "activation": "gelu", "positions": "learned"},
-    {"tie_output": False, "share_embeddings": False, "n_encoder_layers": 1, "n_heads": 2, "joint": False},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"norm": "pre", "activation": "gelu", "positions": "learned"},
+        {"tie_output": False, "share_embeddings": False, "n_encoder_layers": 1, "n_heads": 2, "joint": False},
+    ],
+)
 def test_layout_gives_the_models_log_probs(e2e, tmp_path, variant) -> None:
     """CTranslate2's score_batch on the export = the model's teacher-forced log-probs (every option
     of ModelConfig maps; a wrong norm, position layout, QKV order or scale would show here)."""
@@ -107,8 +114,9 @@ def test_layout_gives_the_models_log_probs(e2e, tmp_path, variant) -> None:
     assert layout <= {p.name for p in out.iterdir()} and ct2.tokenizer.joint == tok.joint
     lines = ["one two three", "red house water fire big small", "king"]
     targets = [[5, 9, 11], [7, 7, 20, 31, 12, 6, 8], [40]]
-    scored = ct2.translator.score_batch([ct2._src_pieces(x) for x in lines],
-                                        [[tok.id_to_piece(t, "tgt") for t in y] for y in targets])
+    scored = ct2.translator.score_batch(
+        [ct2._src_pieces(x) for x in lines], [[tok.id_to_piece(t, "tgt") for t in y] for y in targets]
+    )
     for line, tgt, res in zip(lines, targets, scored):
         src = torch.tensor([tok.encode_src(line) + [tok.eos_id]])
         with torch.no_grad():
@@ -123,8 +131,9 @@ def test_layout_test_detects_a_wrong_position_table(e2e, tmp_path, monkeypatch) 
     test above really checks the layout."""
     ckpt = _random_checkpoint(e2e, tmp_path)
     table = export_mod.position_table
-    monkeypatch.setattr(export_mod, "position_table", lambda m: torch.cat(
-        [table(m)[:, 0::2], table(m)[:, 1::2]], dim=1))
+    monkeypatch.setattr(
+        export_mod, "position_table", lambda m: torch.cat([table(m)[:, 0::2], table(m)[:, 1::2]], dim=1)
+    )
     export_ctranslate2(ckpt, tmp_path / "ct2", check=False)
     model, tok = load_model(load_checkpoint(ckpt))
     ct2 = CT2Translator(tmp_path / "ct2")
@@ -182,8 +191,7 @@ def test_quantized_export_is_checked_as_float32(e2e, tmp_path) -> None:
 
 
 def test_export_errors_are_one_line(e2e, tmp_path, monkeypatch) -> None:
-    _one_error_line(_invoke("export", tmp_path / "missing.pt", "-o", tmp_path / "x"),
-                    "missing.pt", "not found")
+    _one_error_line(_invoke("export", tmp_path / "missing.pt", "-o", tmp_path / "x"), "missing.pt", "not found")
     _one_error_line(_invoke("export", e2e.best, "-o", tmp_path / "x", "--quantization", "int4"), "int4")
     _one_error_line(_invoke("export", e2e.best, "-o", tmp_path / "x", "--format", "onnx"), "onnx")
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if not installed
@@ -193,6 +201,7 @@ def test_export_errors_are_one_line(e2e, tmp_path, monkeypatch) -> None:
 
 # --------------------------------------------------------------------- decode --backend ctranslate2
 
+
 def _lines(e2e, tmp_path: Path) -> Path:
     src = Path(e2e.data["data.dev.src"]).read_text().splitlines()
     path = tmp_path / "in.txt"
@@ -200,11 +209,14 @@ def _lines(e2e, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("options", [
-    ["--beam", "1"],
-    ["--beam", "5", "--length-penalty", "power", "--alpha", "1.0"],
-    ["--beam", "4", "--length-penalty", "power", "--alpha", "0.6", "--n-best", "3"],
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--beam", "1"],
+        ["--beam", "5", "--length-penalty", "power", "--alpha", "1.0"],
+        ["--beam", "4", "--length-penalty", "power", "--alpha", "0.6", "--n-best", "3"],
+    ],
+)
 def test_backend_output_equals_the_project_decoder(e2e, exported, tmp_path, options) -> None:
     """Same lines (an empty one included) through both decoders: identical output, scores included."""
     path = _lines(e2e, tmp_path)
@@ -228,24 +240,32 @@ def test_backend_output_equals_the_project_decoder(e2e, exported, tmp_path, opti
 
 def test_backend_gnmt_warns_and_beta_is_refused(e2e, exported, tmp_path) -> None:
     path = _lines(e2e, tmp_path)
-    result = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3",
-                     "--length-penalty", "gnmt")
+    result = _invoke(
+        "decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3", "--length-penalty", "gnmt"
+    )
     assert result.exit_code == 0 and "no GNMT length penalty" in result.stderr
     assert len(result.stdout.splitlines()) == 21
     greedy = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "1")
     assert "GNMT" not in greedy.stderr  # greedy output does not depend on the length penalty
-    _one_error_line(_invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beta", "0.2"),
-                    str(exported[0]), "coverage penalty")
+    _one_error_line(
+        _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beta", "0.2"),
+        str(exported[0]),
+        "coverage penalty",
+    )
 
 
 def test_backend_errors_are_one_line(e2e, exported, tmp_path, monkeypatch) -> None:
     path = _lines(e2e, tmp_path)
-    _one_error_line(_invoke("decode", "--backend", "ctranslate2", e2e.run_dir, "-i", path),
-                    str(e2e.run_dir), "not a CTranslate2 export")
+    _one_error_line(
+        _invoke("decode", "--backend", "ctranslate2", e2e.run_dir, "-i", path),
+        str(e2e.run_dir),
+        "not a CTranslate2 export",
+    )
     _one_error_line(_invoke("decode", "--backend", "ctranslate2", e2e.best, "-i", path), str(e2e.best))
     _one_error_line(_invoke("decode", "--backend", "onnx", exported[0], "-i", path), "onnx")
-    _one_error_line(_invoke("decode", "--backend", "ctranslate2", exported[0], exported[0], "-i", path),
-                    "one export directory")
+    _one_error_line(
+        _invoke("decode", "--backend", "ctranslate2", exported[0], exported[0], "-i", path), "one export directory"
+    )
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
     _one_error_line(_invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path), "pip install")
 
@@ -253,8 +273,9 @@ def test_backend_errors_are_one_line(e2e, exported, tmp_path, monkeypatch) -> No
 def test_backend_streams_stdin(e2e, exported, tmp_path) -> None:
     """A line written to stdin is answered before the next one is sent (as the torch backend does)."""
     cmd = e2e.cli() + ["decode", "--backend", "ctranslate2", str(exported[0]), "--beam", "1"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=e2e.env())
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e2e.env()
+    )
     try:
         answers = []
         for line in ("one two three", "", "red house"):
@@ -274,10 +295,23 @@ def test_backend_output_does_not_depend_on_batching(e2e, exported, tmp_path) -> 
     """Small batches, one or three workers, file or stdin chunks: the same lines in the same order."""
     path = _lines(e2e, tmp_path)
     base = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3")
-    small = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3",
-                    "--batch-tokens", "20", "--workers", "3", "--threads", "3")
-    one = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3",
-                  "--workers", "1")
+    small = _invoke(
+        "decode",
+        "--backend",
+        "ctranslate2",
+        exported[0],
+        "-i",
+        path,
+        "--beam",
+        "3",
+        "--batch-tokens",
+        "20",
+        "--workers",
+        "3",
+        "--threads",
+        "3",
+    )
+    one = _invoke("decode", "--backend", "ctranslate2", exported[0], "-i", path, "--beam", "3", "--workers", "1")
     assert base.exit_code == small.exit_code == one.exit_code == 0, small.output
     assert base.stdout == small.stdout == one.stdout and len(base.stdout.splitlines()) == 21
     assert len(set(base.stdout.splitlines())) > 10  # the lines really differ, so an order change would show

@@ -42,6 +42,7 @@ def _finetune(e2e, out: Path, parent: Path, **extra) -> dict:
 
 # ------------------------------------------------------------------------------ init_from
 
+
 def test_init_from_takes_parent_weights_shape_and_tokenizer(e2e, tmp_path: Path) -> None:
     """Before the first update the model is exactly the parent's; the shape comes from the parent when
     the recipe gives no model/tokenizer section; optimizer, schedule and step start fresh."""
@@ -91,15 +92,25 @@ def test_coverage_is_reported(e2e, tmp_path: Path) -> None:
     assert same["src_unk_rate"] == same["tgt_unk_rate"] == 0.0
 
 
-@pytest.mark.parametrize("override, key, theirs, mine", [
-    ("model.d_model=64", "model.d_model", "32", "64"),
-    ("model.n_encoder_layers=3", "model.n_encoder_layers", "2", "3"),
-    ("tokenizer.vocab_size=200", "tokenizer.vocab_size", "100", "200"),
-])
-def test_contradicting_the_parent_is_a_one_line_error(e2e, tmp_path: Path, override: str, key: str,
-                                                      theirs: str, mine: str) -> None:
-    args = ["train", str(e2e.recipe), *e2e.set_args(tmp_path / "ft", train__init_from=e2e.last),
-            "--set", override, "--no-progress"]
+@pytest.mark.parametrize(
+    "override, key, theirs, mine",
+    [
+        ("model.d_model=64", "model.d_model", "32", "64"),
+        ("model.n_encoder_layers=3", "model.n_encoder_layers", "2", "3"),
+        ("tokenizer.vocab_size=200", "tokenizer.vocab_size", "100", "200"),
+    ],
+)
+def test_contradicting_the_parent_is_a_one_line_error(
+    e2e, tmp_path: Path, override: str, key: str, theirs: str, mine: str
+) -> None:
+    args = [
+        "train",
+        str(e2e.recipe),
+        *e2e.set_args(tmp_path / "ft", train__init_from=e2e.last),
+        "--set",
+        override,
+        "--no-progress",
+    ]
     result = runner.invoke(app, args)
     torch.set_num_threads(1)
     assert result.exit_code == 2, result.output
@@ -180,6 +191,7 @@ def test_finetuning_resumes_exactly_from_its_own_last_checkpoint(e2e, tmp_path: 
 
 # ------------------------------------------------------------------------------ freeze
 
+
 def test_freeze_keeps_frozen_weights(e2e, tmp_path: Path) -> None:
     """freeze [embeddings, encoder]: those weights (and the tied output layer) stay the parent's;
     the decoder trains."""
@@ -201,6 +213,7 @@ def test_freezing_everything_is_a_recipe_error(e2e, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ replay
 
+
 def test_mix_replay_counts_and_is_reproducible() -> None:
     main = EncodedCorpus([[i] for i in range(40)], [[i] for i in range(40)])
     pool = EncodedCorpus([[1000 + i] for i in range(100)], [[2000 + i] for i in range(100)])
@@ -219,20 +232,39 @@ def test_replay_is_counted_and_logged(e2e, tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     pool.mkdir()
     src = [f"{a} {b}" for a in ("one", "two", "three", "four") for b in ("red", "blue", "green", "black", "white")]
-    tgt = [" ".join({"one": "uno", "two": "dos", "three": "tres", "four": "cuatro", "red": "rojo", "blue": "azul",
-                     "green": "verde", "black": "negro", "white": "blanco"}[w] for w in x.split()) for x in src]
+    tgt = [
+        " ".join(
+            {
+                "one": "uno",
+                "two": "dos",
+                "three": "tres",
+                "four": "cuatro",
+                "red": "rojo",
+                "blue": "azul",
+                "green": "verde",
+                "black": "negro",
+                "white": "blanco",
+            }[w]
+            for w in x.split()
+        )
+        for x in src
+    ]
     (pool / "p.en").write_text("\n".join(src * 10) + "\n", encoding="utf-8")
     (pool / "p.es").write_text("\n".join(tgt * 10) + "\n", encoding="utf-8")
-    extra = dict(data__replay=f"{{src: {pool / 'p.en'}, tgt: {pool / 'p.es'}, ratio: 0.2}}",
-                 data__train__max_lines=600, train__max_steps=1, **QUIET)
+    extra = dict(
+        data__replay=f"{{src: {pool / 'p.en'}, tgt: {pool / 'p.es'}, ratio: 0.2}}",
+        data__train__max_lines=600,
+        train__max_steps=1,
+        **QUIET,
+    )
     recipe = e2e.load(tmp_path / "ft", train__init_from=e2e.last, **extra)
     tok = Tokenizer.from_state(dict(load_checkpoint(e2e.last).tokenizer))
     corpora = load_corpora(recipe, tok, report=False)
-    assert corpora.replay == {"in_domain_pairs": 600, "replay_pairs": 150, "replay_pool": 200,
-                              "replay_fraction": 0.2}
+    assert corpora.replay == {"in_domain_pairs": 600, "replay_pairs": 150, "replay_pool": 200, "replay_fraction": 0.2}
     assert len(corpora.train) == 750
-    assert [tok.decode_src(s[:-1]) for s in corpora.train.src[600:]] == [src[i % 20] for i in
-                                                                          sorted(_picks(200, 150, recipe.seed))]
+    assert [tok.decode_src(s[:-1]) for s in corpora.train.src[600:]] == [
+        src[i % 20] for i in sorted(_picks(200, 150, recipe.seed))
+    ]
     result = _finetune(e2e, tmp_path / "ft", e2e.last, **extra)
     assert result["replay"] == corpora.replay
     [record] = _records(tmp_path / "ft", "data")
@@ -241,18 +273,25 @@ def test_replay_is_counted_and_logged(e2e, tmp_path: Path) -> None:
 
 def _picks(n: int, k: int, seed: int) -> list[int]:
     import random
+
     return random.Random(seed).sample(range(n), k)
 
 
 # ------------------------------------------------------------------------------ budgets
 
+
 def test_all_zero_budgets_are_a_recipe_error(tmp_path: Path) -> None:
-    tree = {"output_dir": "o", "data": {"train": {"src": "a", "tgt": "b"}},
-            "train": {"max_steps": 0, "max_epochs": 0, "max_time": 0}}
+    tree = {
+        "output_dir": "o",
+        "data": {"train": {"src": "a", "tgt": "b"}},
+        "train": {"max_steps": 0, "max_epochs": 0, "max_time": 0},
+    }
     with pytest.raises(RecipeError) as info:
         recipe_from_dict(tree, "r.yaml")
-    assert str(info.value) == ("r.yaml: (top level): train.max_steps, train.max_epochs and train.max_time are all "
-                               "0: training would never stop; set at least one of them")
+    assert str(info.value) == (
+        "r.yaml: (top level): train.max_steps, train.max_epochs and train.max_time are all "
+        "0: training would never stop; set at least one of them"
+    )
     for key, value in (("max_steps", 5), ("max_epochs", 1), ("max_time", 0.5)):
         assert recipe_from_dict({**tree, "train": {key: value}}, "r.yaml").train.model_dump()[key] == value
     assert recipe_from_dict(tree, "stored", stored=True).train.max_steps == 0  # old checkpoints stay readable
@@ -265,8 +304,11 @@ def test_all_zero_budgets_are_a_recipe_error(tmp_path: Path) -> None:
 def test_missing_replay_file_is_listed(tmp_path: Path) -> None:
     for name in ("a", "b", "old.en"):
         (tmp_path / name).write_text("x\n", encoding="utf-8")
-    tree = {"output_dir": "o", "train": {"max_steps": 1},
-            "data": {"train": {"src": "a", "tgt": "b"}, "replay": {"src": "old.en", "tgt": "old.es"}}}
+    tree = {
+        "output_dir": "o",
+        "train": {"max_steps": 1},
+        "data": {"train": {"src": "a", "tgt": "b"}, "replay": {"src": "old.en", "tgt": "old.es"}},
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tree), encoding="utf-8")
     with pytest.raises(RecipeError) as info:

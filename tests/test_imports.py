@@ -55,9 +55,9 @@ def package_imports(module: str) -> tuple[set[str], set[str]]:
     def visit(node: ast.AST, in_function: bool) -> None:
         names: list[str] = []
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:                       # from .x import y
+            if node.level == 1 and node.module:  # from .x import y
                 names = [node.module.split(".")[0]]
-            elif node.level == 1:                                     # from . import x, y
+            elif node.level == 1:  # from . import x, y
                 names = [a.name for a in node.names]
             elif node.level == 0 and node.module and node.module.split(".")[0] == "seq2seq_cli":
                 parts = node.module.split(".")
@@ -92,8 +92,9 @@ def test_table_matches_the_code_exactly(module: str) -> None:
     """A listed room's row is what it imports, no more: the document does not keep stale allowances."""
     top, lazy = package_imports(module)
     assert top == ALLOWED[module], f"{module}: module-level imports {sorted(top)} vs table {sorted(ALLOWED[module])}"
-    assert lazy - top == LAZY_EXTRA[module], \
+    assert lazy - top == LAZY_EXTRA[module], (
         f"{module}: lazy imports {sorted(lazy - top)} vs table {sorted(LAZY_EXTRA[module])}"
+    )
 
 
 def test_training_does_not_import_the_decoding_front_end() -> None:
@@ -142,15 +143,16 @@ def test_module_level_import_graph_is_acyclic() -> None:
 
 
 def test_lazy_imports_name_existing_modules() -> None:
-    missing = {(m, target) for m in MODULES for target in set.union(*package_imports(m))
-               if target not in MODULES}
+    missing = {(m, target) for m in MODULES for target in set.union(*package_imports(m)) if target not in MODULES}
     assert not missing, f"imports of modules that do not exist: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("module", ["seq2seq_cli.recipe", "seq2seq_cli.cli"])
 def test_imports_without_torch(module: str) -> None:
-    code = f"import sys, {module}; heavy = sorted(m for m in ('torch', 'sentencepiece', 'sacrebleu') " \
-           f"if m in sys.modules); assert not heavy, heavy"
+    code = (
+        f"import sys, {module}; heavy = sorted(m for m in ('torch', 'sentencepiece', 'sacrebleu') "
+        f"if m in sys.modules); assert not heavy, heavy"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 

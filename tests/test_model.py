@@ -27,8 +27,17 @@ V = 17
 
 
 def small_cfg(**kw) -> ModelConfig:
-    base = dict(d_model=16, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, ff_dim=32, dropout=0.1,
-                attention_dropout=0.1, activation_dropout=0.1, max_positions=32)
+    base = dict(
+        d_model=16,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        ff_dim=32,
+        dropout=0.1,
+        attention_dropout=0.1,
+        activation_dropout=0.1,
+        max_positions=32,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -37,8 +46,9 @@ def make_model(seed: int = 0, src_vocab: int = V, tgt_vocab: int = V, **kw) -> S
     return build_model(small_cfg(**kw), src_vocab, tgt_vocab, pad_id=PAD, bos_id=BOS, eos_id=EOS).eval()
 
 
-def random_batch(seed: int, batch: int = 3, src_len: int = 7, tgt_len: int = 6,
-                 src_lengths: tuple[int, ...] = (7, 4, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    seed: int, batch: int = 3, src_len: int = 7, tgt_len: int = 6, src_lengths: tuple[int, ...] = (7, 4, 2)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """src (B, S) with EOS at the end of each row and pads after it; tgt_in (B, T) starting with BOS."""
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(4, V, (batch, src_len), generator=g)
@@ -52,15 +62,22 @@ def random_batch(seed: int, batch: int = 3, src_len: int = 7, tgt_len: int = 6,
 
 # ------------------------------------------------------------------------------ positions
 
+
 def test_sinusoidal_hand_picked_entries() -> None:
     pe = sinusoidal_positions(50, 16)
     assert pe.shape == (50, 16) and pe.dtype == torch.float32
     expected = {
-        (0, 0): 0.0, (0, 1): 1.0, (0, 15): 1.0,
-        (1, 0): math.sin(1.0), (1, 1): math.cos(1.0),
-        (7, 4): math.sin(7 / 10000 ** (4 / 16)), (7, 5): math.cos(7 / 10000 ** (4 / 16)),  # i = 2: 7 / 10
-        (3, 8): math.sin(3 / 100.0), (3, 9): math.cos(3 / 100.0),  # 10000^(8/16) = 100
-        (49, 14): math.sin(49 / 10000 ** (14 / 16)), (49, 15): math.cos(49 / 10000 ** (14 / 16)),
+        (0, 0): 0.0,
+        (0, 1): 1.0,
+        (0, 15): 1.0,
+        (1, 0): math.sin(1.0),
+        (1, 1): math.cos(1.0),
+        (7, 4): math.sin(7 / 10000 ** (4 / 16)),
+        (7, 5): math.cos(7 / 10000 ** (4 / 16)),  # i = 2: 7 / 10
+        (3, 8): math.sin(3 / 100.0),
+        (3, 9): math.cos(3 / 100.0),  # 10000^(8/16) = 100
+        (49, 14): math.sin(49 / 10000 ** (14 / 16)),
+        (49, 15): math.cos(49 / 10000 ** (14 / 16)),
     }
     for (pos, j), value in expected.items():
         assert pe[pos, j].item() == pytest.approx(value, abs=1e-6), (pos, j)
@@ -79,8 +96,10 @@ def test_sinusoidal_full_formula_and_odd_width() -> None:
 
 # ------------------------------------------------------------------------------ attention
 
-def reference_attention(mha: MultiHeadAttention, q: torch.Tensor, x: torch.Tensor,
-                        allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def reference_attention(
+    mha: MultiHeadAttention, q: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(Q K^T / sqrt(d_k)) V per head from the raw projection weights, in float64.
     allowed (B, T, S) boolean or None. Returns (output (B, T, D), head-averaged probs (B, T, S))."""
     d, h = q.size(-1), mha.n_heads
@@ -150,7 +169,7 @@ def test_attend_causal_bottom_right(t: int, s: int, need_weights: bool) -> None:
     torch.manual_seed(2)
     mha = MultiHeadAttention(8, 2).eval()
     x = torch.randn(2, s, 8)
-    q = x[:, s - t:]
+    q = x[:, s - t :]
     out, _ = mha.attend(q, *mha.keys_values(x), causal=t > 1, need_weights=need_weights)
     allowed = torch.ones(t, s, dtype=torch.bool).tril(s - t).expand(2, t, s)
     ref, _ = reference_attention(mha, q, x, allowed)
@@ -172,6 +191,7 @@ def test_attend_causal_with_padding_mask_and_weights() -> None:
 
 # ------------------------------------------------------------------------------ whole model
 
+
 def test_forward_shapes_and_keep() -> None:
     model = make_model()
     src, tgt = random_batch(0)
@@ -192,7 +212,7 @@ def test_causal_mask_future_targets_do_not_leak() -> None:
         for t in range(6):
             changed = tgt.clone()
             g = torch.Generator().manual_seed(t)
-            changed[:, t + 1:] = torch.randint(4, V, changed[:, t + 1:].shape, generator=g)
+            changed[:, t + 1 :] = torch.randint(4, V, changed[:, t + 1 :].shape, generator=g)
             changed[:, t + 1] = (tgt[:, t + 1] - 4 + 1) % (V - 4) + 4  # surely different at t+1
             out = model(src, changed)
             assert torch.allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-5), t
@@ -213,7 +233,7 @@ def test_source_padding_invariance(norm: str) -> None:
         assert torch.allclose(memory2[:, :7][mask], memory[mask], atol=1e-5)
         # each row alone, without any pad, gives the same logits as in the padded batch
         for i, n in enumerate((7, 4, 2)):
-            alone = model(src[i: i + 1, :n], tgt[i: i + 1])
+            alone = model(src[i : i + 1, :n], tgt[i : i + 1])
             assert torch.allclose(alone[0], base[i], atol=1e-5), i
         # and the source content matters (so the check above can fail)
         other = src.clone()
@@ -226,8 +246,7 @@ CONFIGS = list(itertools.product(["post", "pre"], ["sinusoidal", "learned"], [Tr
 
 @pytest.mark.parametrize("norm,positions,share", CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
 def test_incremental_decoding_matches_full_forward(norm: str, positions: str, share: bool) -> None:
-    model = make_model(seed=4, norm=norm, positions=positions, share_embeddings=share,
-                       src_vocab=V if share else V + 5)
+    model = make_model(seed=4, norm=norm, positions=positions, share_embeddings=share, src_vocab=V if share else V + 5)
     src, tgt = random_batch(5, tgt_len=8)
     with torch.no_grad():
         full = model(src, tgt).log_softmax(-1)  # (B, T, V)
@@ -239,8 +258,12 @@ def test_incremental_decoding_matches_full_forward(norm: str, positions: str, sh
             assert torch.allclose(log_probs, full[:, t], atol=1e-5), t
             assert state.step == t + 1
             cap = cache_capacity(t)
-            assert all(kv[0].shape == (3, 4, cap, 4) and kv[0][:, :, t + 1:].abs().max() == 0
-                       and kv[1][:, :, t].abs().min() > 0 for kv in state.self_kv)
+            assert all(
+                kv[0].shape == (3, 4, cap, 4)
+                and kv[0][:, :, t + 1 :].abs().max() == 0
+                and kv[1][:, :, t].abs().min() > 0
+                for kv in state.self_kv
+            )
             if t % 2 == 0:
                 assert attn.shape == (3, 7)
                 assert torch.allclose(attn.sum(-1), torch.ones(3), atol=1e-5)
@@ -250,8 +273,12 @@ def test_incremental_decoding_matches_full_forward(norm: str, positions: str, sh
 
 
 def test_cache_capacity_grows_in_blocks() -> None:
-    assert [cache_capacity(p) for p in (0, CACHE_BLOCK - 1, CACHE_BLOCK, 2 * CACHE_BLOCK + 3)] == \
-        [CACHE_BLOCK, CACHE_BLOCK, 2 * CACHE_BLOCK, 3 * CACHE_BLOCK]
+    assert [cache_capacity(p) for p in (0, CACHE_BLOCK - 1, CACHE_BLOCK, 2 * CACHE_BLOCK + 3)] == [
+        CACHE_BLOCK,
+        CACHE_BLOCK,
+        2 * CACHE_BLOCK,
+        3 * CACHE_BLOCK,
+    ]
 
 
 def test_incremental_decoding_across_cache_blocks_with_reordering() -> None:
@@ -266,7 +293,7 @@ def test_incremental_decoding_across_cache_blocks_with_reordering() -> None:
         prefix = tgt[:, :0]
         for t in range(length):
             log_probs, _ = model.step(tgt[:, t], state)
-            prefix = torch.cat([prefix, tgt[:, t:t + 1]], 1)
+            prefix = torch.cat([prefix, tgt[:, t : t + 1]], 1)
             full = model(src, prefix).log_softmax(-1)[:, -1]
             assert torch.allclose(log_probs, full, atol=1e-5), t
             order = torch.randint(0, 3, (3,), generator=g)
@@ -312,6 +339,7 @@ def test_eval_is_deterministic_and_train_uses_dropout() -> None:
 
 
 # ------------------------------------------------------------------------------ sharing
+
 
 def test_weight_tying_and_shared_embeddings() -> None:
     tied = make_model(tie_output=True, share_embeddings=True)
@@ -379,6 +407,7 @@ def test_pad_embedding_is_zero_and_gets_no_gradient() -> None:
 
 # ------------------------------------------------------------------------------ DecoderState.select
 
+
 def test_state_select_reorders_rows() -> None:
     model = make_model(seed=9)
     src, tgt = random_batch(9, tgt_len=5)
@@ -420,12 +449,15 @@ def test_state_select_before_first_step() -> None:
         assert torch.allclose(out[t], full[:, t], atol=1e-5)
 
 
-@pytest.mark.parametrize("index, shared", [
-    ([1, 0, 5, 4], True),   # reorder within sentences, drop sentence 1: K/V subset, still shared
-    ([1, 0, 3, 2, 5, 4], True),  # every sentence, reordered within: K/V not even copied
-    ([4, 1, 0], False),     # decreasing sources: falls back to one K/V copy per row
-    ([0, 0, 1, 2, 4], False),  # unequal runs per source: falls back too
-])
+@pytest.mark.parametrize(
+    "index, shared",
+    [
+        ([1, 0, 5, 4], True),  # reorder within sentences, drop sentence 1: K/V subset, still shared
+        ([1, 0, 3, 2, 5, 4], True),  # every sentence, reordered within: K/V not even copied
+        ([4, 1, 0], False),  # decreasing sources: falls back to one K/V copy per row
+        ([0, 0, 1, 2, 4], False),  # unequal runs per source: falls back too
+    ],
+)
 def test_state_select_keeps_cross_kv_shared_when_it_can(index: list[int], shared: bool) -> None:
     """After expanding to 2 beams and two steps, any selection decodes like a full forward pass
     over the selected rows; the cross-attention K/V are shared whenever the rows allow it."""
@@ -452,8 +484,7 @@ def test_state_select_keeps_cross_kv_shared_when_it_can(index: list[int], shared
 DIGITS = range(4, 14)  # vocabulary: pad, unk, bos, eos + ten digits = 14
 
 
-def reverse_batch(n: int, g: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+def reverse_batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
     """Random digit strings of length 3-8: src = x + EOS, tgt_in = BOS + reversed(x),
     tgt_out = reversed(x) + EOS; also the references reversed(x)."""
     lengths = torch.randint(3, 9, (n,), generator=g)
@@ -471,7 +502,8 @@ def reverse_batch(n: int, g: torch.Generator
     tgt_out[pos[None, :9] >= lengths[:, None]] = PAD
     tgt_out[torch.arange(n), lengths] = EOS
     tgt_in = torch.cat([torch.full((n, 1), BOS), tgt_out[:, :-1]], 1).masked_fill(
-        torch.cat([torch.zeros(n, 1, dtype=torch.bool), tgt_out[:, :-1].eq(EOS)], 1), PAD)
+        torch.cat([torch.zeros(n, 1, dtype=torch.bool), tgt_out[:, :-1].eq(EOS)], 1), PAD
+    )
     refs = [y[i, : lengths[i]].tolist() for i in range(n)]
     return src, tgt_in, tgt_out, refs
 
@@ -490,8 +522,9 @@ def test_reverse_batch_helper() -> None:
 def test_learns_to_reverse_digit_strings() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    cfg = ModelConfig(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, ff_dim=128, dropout=0.0,
-                      max_positions=32)
+    cfg = ModelConfig(
+        d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, ff_dim=128, dropout=0.0, max_positions=32
+    )
     model = build_model(cfg, 14, 14, pad_id=PAD, bos_id=BOS, eos_id=EOS)
     steps, warmup = 300, 30
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.98))

@@ -31,7 +31,7 @@ def test_alpha_zero_is_no_normalisation():
 def test_power_length_penalty_matches_formula():
     lp = power_length_penalty(torch.tensor([1, 4, 20]), 0.5)
     assert lp.tolist() == pytest.approx([1.0, 2.0, math.sqrt(20)], rel=1e-6)
-    assert power_length_penalty(torch.tensor([20]), 0.6).item() == pytest.approx(20 ** 0.6, rel=1e-6)
+    assert power_length_penalty(torch.tensor([20]), 0.6).item() == pytest.approx(20**0.6, rel=1e-6)
 
 
 def test_length_penalty_dispatch_and_unknown_kind():
@@ -45,10 +45,8 @@ def test_length_penalty_dispatch_and_unknown_kind():
 def test_coverage_penalty_hand_computed_with_padding():
     # row 0: 3 real tokens, 1 pad (coverage 0 there: log 0 would be -inf if it counted)
     # row 1: 2 real tokens (one over-attended, capped at 1), 2 pads
-    coverage = torch.tensor([[0.5, 1.0, 0.25, 0.0],
-                             [2.0, 0.1, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, True, False],
-                         [True, True, False, False]])
+    coverage = torch.tensor([[0.5, 1.0, 0.25, 0.0], [2.0, 0.1, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
     cp = coverage_penalty(coverage, mask, beta=0.2)
     expected = [0.2 * (math.log(0.5) + 0.0 + math.log(0.25)), 0.2 * (0.0 + math.log(0.1))]
     assert cp.tolist() == pytest.approx(expected, rel=1e-6)

@@ -16,10 +16,19 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _metrics(path: Path, scale: float) -> Path:
     path.mkdir(parents=True)
-    rows = [{"type": "train", "step": s, "minutes": s / 100, "loss": scale * 8 / (1 + s / 100)}
-            for s in range(50, 501, 50)]
-    rows += [{"type": "valid", "step": s, "minutes": s / 100 + 0.1, "dev_nll": scale * 6 / (1 + s / 100),
-              "bleu": 20 * s / 500 / scale} for s in (100, 300, 500)]
+    rows = [
+        {"type": "train", "step": s, "minutes": s / 100, "loss": scale * 8 / (1 + s / 100)} for s in range(50, 501, 50)
+    ]
+    rows += [
+        {
+            "type": "valid",
+            "step": s,
+            "minutes": s / 100 + 0.1,
+            "dev_nll": scale * 6 / (1 + s / 100),
+            "bleu": 20 * s / 500 / scale,
+        }
+        for s in (100, 300, 500)
+    ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

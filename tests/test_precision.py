@@ -38,8 +38,9 @@ def test_auto_decoding_is_always_the_batch_invariant_fp32(monkeypatch, device: s
     assert resolve_precision("auto", device, "decode", (9, 0)) == "fp32"
 
 
-@pytest.mark.parametrize("capability,expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
-                                                 ((6, 1), "fp16")])
+@pytest.mark.parametrize(
+    "capability,expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((6, 1), "fp16")]
+)
 def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, expected: str) -> None:
     monkeypatch.setattr(precision, "native_bf16", lambda: pytest.fail("the CPU probe is not consulted on CUDA"))
     assert resolve_precision("auto", "cuda", "train", capability) == expected
@@ -68,9 +69,11 @@ def test_native_bf16_needs_the_instructions(monkeypatch) -> None:
 
 
 def _probe(env_extra: dict[str, str]) -> list[str]:
-    code = ("from seq2seq_cli.precision import native_bf16, resolve_precision, cpu_info; "
-            "print(native_bf16(), resolve_precision('auto', 'cpu', 'train'), "
-            "resolve_precision('auto', 'cpu', 'decode'), cpu_info().onednn_isa_cap or '-')")
+    code = (
+        "from seq2seq_cli.precision import native_bf16, resolve_precision, cpu_info; "
+        "print(native_bf16(), resolve_precision('auto', 'cpu', 'train'), "
+        "resolve_precision('auto', 'cpu', 'decode'), cpu_info().onednn_isa_cap or '-')"
+    )
     env = {**os.environ, **env_extra}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -88,9 +91,17 @@ def test_onednn_isa_cap_avx2_makes_auto_choose_fp32() -> None:
 def test_without_a_cap_auto_matches_the_hardware() -> None:
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
     hardware = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    got = subprocess.run([sys.executable, "-c", "from seq2seq_cli.precision import resolve_precision; "
-                          "print(resolve_precision('auto', 'cpu', 'train'))"], capture_output=True, text=True,
-                         env=env, timeout=120)
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from seq2seq_cli.precision import resolve_precision; print(resolve_precision('auto', 'cpu', 'train'))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert got.stdout.split() == ["bf16" if hardware else "fp32"], got.stderr
 
 
@@ -111,9 +122,17 @@ def test_checkpoints_keep_auto_not_the_resolved_choice(e2e, tmp_path) -> None:
 
     out = tmp_path / "auto"
     e2e.copy_tokenizer(out)
-    result = CliRunner().invoke(app, ["train", str(e2e.recipe), *e2e.set_args(
-        out, train__precision="auto", decode__precision="auto", train__max_steps=2, train__valid_max_sentences=3),
-        "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(e2e.recipe),
+            *e2e.set_args(
+                out, train__precision="auto", decode__precision="auto", train__max_steps=2, train__valid_max_sentences=3
+            ),
+            "--no-progress",
+        ],
+    )
     torch.set_num_threads(1)
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")

@@ -22,8 +22,11 @@ from seq2seq_cli.recipe import (
 )
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
-BASE = {"output_dir": "out", "data": {"train": {"src": "train.en", "tgt": "train.es"}},
-        "train": {"max_time": 30}}  # a recipe needs some budget (all zero = never stops: an error)
+BASE = {
+    "output_dir": "out",
+    "data": {"train": {"src": "train.en", "tgt": "train.es"}},
+    "train": {"max_time": 30},
+}  # a recipe needs some budget (all zero = never stops: an error)
 
 
 def write(tmp_path: Path, tree_or_text, name: str = "r.yaml") -> Path:
@@ -47,6 +50,7 @@ def with_(**sections) -> dict:
 
 
 # ------------------------------------------------------------------------------ shipped recipes
+
 
 def test_recipes_exist() -> None:
     names = {p.name for p in RECIPES}
@@ -74,18 +78,25 @@ def test_tiny_recipe_values() -> None:
 
 # ------------------------------------------------------------------------------ error messages
 
+
 def test_unknown_key_suggests_closest() -> None:
     msg = error_of(with_(train={"max_stesp": 3}))
     assert msg == "r.yaml: train.max_stesp: unknown key (did you mean 'max_steps'?)"
 
 
-@pytest.mark.parametrize("tree,path,hint", [
-    (with_(modle={"d_model": 8}), "modle", "model"),
-    (with_(decode={"n_bset": 1}), "decode.n_bset", "n_best"),
-    (with_(data={"train": {"src": "a", "tgt": "b", "max_line": 3}}), "data.train.max_line", "max_lines"),
-    (with_(data={"train": {"src": "a", "tgt": "b"}, "dev": {"src": "a", "tgt": "b", "refz": []}}),
-     "data.dev.refz", "refs"),
-])
+@pytest.mark.parametrize(
+    "tree,path,hint",
+    [
+        (with_(modle={"d_model": 8}), "modle", "model"),
+        (with_(decode={"n_bset": 1}), "decode.n_bset", "n_best"),
+        (with_(data={"train": {"src": "a", "tgt": "b", "max_line": 3}}), "data.train.max_line", "max_lines"),
+        (
+            with_(data={"train": {"src": "a", "tgt": "b"}, "dev": {"src": "a", "tgt": "b", "refz": []}}),
+            "data.dev.refz",
+            "refs",
+        ),
+    ],
+)
 def test_unknown_key_nested(tree: dict, path: str, hint: str) -> None:
     msg = error_of(tree)
     assert f"r.yaml: {path}: unknown key" in msg
@@ -106,11 +117,20 @@ def test_wrong_type_names_file_and_key(tmp_path: Path) -> None:
     assert "'abc'" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("section,key,value", [
-    ("train", "warmup_steps", 0), ("decode", "beam", 0), ("model", "dropout", 1.5),
-    ("model", "dropout", -0.1), ("train", "label_smoothing", 1.0), ("tokenizer", "vocab_size", 3),
-    ("decode", "top_p", 0.0), ("train", "batch_tokens", 1), ("model", "activation", "tanh"),
-])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("train", "warmup_steps", 0),
+        ("decode", "beam", 0),
+        ("model", "dropout", 1.5),
+        ("model", "dropout", -0.1),
+        ("train", "label_smoothing", 1.0),
+        ("tokenizer", "vocab_size", 3),
+        ("decode", "top_p", 0.0),
+        ("train", "batch_tokens", 1),
+        ("model", "activation", "tanh"),
+    ],
+)
 def test_out_of_range(section: str, key: str, value) -> None:
     msg = error_of(with_(**{section: {key: value}}))
     assert msg.startswith(f"r.yaml: {section}.{key}: ")
@@ -173,17 +193,21 @@ def test_recipe_is_frozen() -> None:
 
 # ------------------------------------------------------------------------------ overrides
 
-@pytest.mark.parametrize("text,keys,value", [
-    ("train.max_steps=7", ["train", "max_steps"], 7),
-    ("output_dir=/tmp/x", ["output_dir"], "/tmp/x"),
-    ("model.share_embeddings=false", ["model", "share_embeddings"], False),
-    ("train.betas=[0.9, 0.99]", ["train", "betas"], [0.9, 0.99]),
-    ("train.device=cuda:0", ["train", "device"], "cuda:0"),
-    ("decode.alpha=1e-1", ["decode", "alpha"], "1e-1"),  # YAML 1.1: no dot → a string (pydantic coerces)
-    (" seed = 3", ["seed"], 3),
-    ("data.src_lang=", ["data", "src_lang"], ""),
-    ("a.b=x=y", ["a", "b"], "x=y"),
-])
+
+@pytest.mark.parametrize(
+    "text,keys,value",
+    [
+        ("train.max_steps=7", ["train", "max_steps"], 7),
+        ("output_dir=/tmp/x", ["output_dir"], "/tmp/x"),
+        ("model.share_embeddings=false", ["model", "share_embeddings"], False),
+        ("train.betas=[0.9, 0.99]", ["train", "betas"], [0.9, 0.99]),
+        ("train.device=cuda:0", ["train", "device"], "cuda:0"),
+        ("decode.alpha=1e-1", ["decode", "alpha"], "1e-1"),  # YAML 1.1: no dot → a string (pydantic coerces)
+        (" seed = 3", ["seed"], 3),
+        ("data.src_lang=", ["data", "src_lang"], ""),
+        ("a.b=x=y", ["a", "b"], "x=y"),
+    ],
+)
 def test_parse_override(text: str, keys: list, value) -> None:
     assert parse_override(text) == (keys, value)
 
@@ -197,8 +221,16 @@ def test_parse_override_malformed(text: str) -> None:
 
 def test_overrides_apply(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
-    r = load_recipe(path, ["train.max_steps=7", "output_dir=/tmp/x", "decode.beam=3", "decode.alpha=1e-1",
-                           "model.share_embeddings=false"])
+    r = load_recipe(
+        path,
+        [
+            "train.max_steps=7",
+            "output_dir=/tmp/x",
+            "decode.beam=3",
+            "decode.alpha=1e-1",
+            "model.share_embeddings=false",
+        ],
+    )
     assert r.train.max_steps == 7
     assert r.output_dir == Path("/tmp/x").resolve()
     assert r.decode.beam == 3  # the section did not exist in the file
@@ -212,12 +244,15 @@ def test_later_override_wins(tmp_path: Path) -> None:
     assert load_recipe(path, ["train.max_steps=1", "train.max_steps=2"]).train.max_steps == 2
 
 
-@pytest.mark.parametrize("override,key", [
-    ("train.max_steps=abc", "train.max_steps"),
-    ("train.max_steps=-1", "train.max_steps"),
-    ("train.max_stesp=3", "train.max_stesp"),
-    ("decode.beam=0", "decode.beam"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.max_steps=-1", "train.max_steps"),
+        ("train.max_stesp=3", "train.max_stesp"),
+        ("decode.beam=0", "decode.beam"),
+    ],
+)
 def test_bad_override_is_validated(tmp_path: Path, override: str, key: str) -> None:
     path = write(tmp_path, BASE)
     with pytest.raises(RecipeError) as info:
@@ -240,13 +275,19 @@ def test_override_into_non_section(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ paths
 
+
 def test_relative_paths_resolve_against_recipe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sub = tmp_path / "conf" / "exp"
     sub.mkdir(parents=True)
-    tree = {"output_dir": "../runs/a", "train": {"max_steps": 1, "init_from": "../p/best.pt"},
-            "data": {"train": {"src": "d/train.en", "tgt": "/abs/train.es"},
-                     "replay": {"src": "old.en", "tgt": "old.es", "ratio": 0.3},
-                     "dev": {"tsv": "dev.tsv", "refs": ["r1.txt", "../r2.txt"]}}}
+    tree = {
+        "output_dir": "../runs/a",
+        "train": {"max_steps": 1, "init_from": "../p/best.pt"},
+        "data": {
+            "train": {"src": "d/train.en", "tgt": "/abs/train.es"},
+            "replay": {"src": "old.en", "tgt": "old.es", "ratio": 0.3},
+            "dev": {"tsv": "dev.tsv", "refs": ["r1.txt", "../r2.txt"]},
+        },
+    }
     path = write(sub, tree)
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     r = load_recipe(Path("conf/exp/r.yaml"))
@@ -268,6 +309,7 @@ def test_recipe_from_dict_without_base_keeps_paths() -> None:
 
 # ------------------------------------------------------------------------------ dump round trip
 
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_dump_round_trip(path: Path) -> None:
     r = load_recipe(path)
@@ -282,15 +324,18 @@ def test_dump_round_trip(path: Path) -> None:
 
 
 def test_dump_round_trip_non_default(tmp_path: Path) -> None:
-    tree = with_(train={"betas": [0.8, 0.9], "schedule": "inverse_sqrt"}, decode={"beam": 1, "sample": True,
-                                                                                  "n_best": 4},
-                 tokenizer={"user_defined_symbols": ["<x>"], "joint": False},
-                 model={"share_embeddings": False})
+    tree = with_(
+        train={"betas": [0.8, 0.9], "schedule": "inverse_sqrt"},
+        decode={"beam": 1, "sample": True, "n_best": 4},
+        tokenizer={"user_defined_symbols": ["<x>"], "joint": False},
+        model={"share_embeddings": False},
+    )
     r = load_recipe(write(tmp_path, tree))
     assert recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r
 
 
 # ------------------------------------------------------------------------------ file problems
+
 
 def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
     path = write(tmp_path, "output_dir: out\nseed: 1\ndata: [1, 2\nmodel: {}\n")
@@ -299,7 +344,7 @@ def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith(f"{path}:")
-    line = int(msg[len(str(path)) + 1:].split(":")[0])
+    line = int(msg[len(str(path)) + 1 :].split(":")[0])
     assert 3 <= line <= 5
     assert "invalid YAML" in msg
 
@@ -345,36 +390,45 @@ def test_empty_file_reports_missing_sections(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ data files
 
+
 def test_check_data_files_lists_every_missing_file(tmp_path: Path) -> None:
     (tmp_path / "train.en").write_text("a\n")
     (tmp_path / "devdir").mkdir()
-    tree = {"output_dir": "out", "train": {"max_steps": 1},
-            "data": {"train": {"src": "train.en", "tgt": "train.es"},
-                     "dev": {"src": "devdir", "tgt": "dev.es", "refs": ["ref1"]},
-                     "test": {"tsv": "test.tsv"}}}
+    tree = {
+        "output_dir": "out",
+        "train": {"max_steps": 1},
+        "data": {
+            "train": {"src": "train.en", "tgt": "train.es"},
+            "dev": {"src": "devdir", "tgt": "dev.es", "refs": ["ref1"]},
+            "test": {"tsv": "test.tsv"},
+        },
+    }
     r = load_recipe(write(tmp_path, tree))
     with pytest.raises(RecipeError) as info:
         check_data_files(r)
     lines = str(info.value).splitlines()
     assert len(lines) == 5, lines
-    expect = [("train.es", "data.train.tgt", "not found"), ("devdir", "data.dev.src", "directory"),
-              ("dev.es", "data.dev.tgt", "not found"), ("ref1", "data.dev.refs[0]", "not found"),
-              ("test.tsv", "data.test.tsv", "not found")]
+    expect = [
+        ("train.es", "data.train.tgt", "not found"),
+        ("devdir", "data.dev.src", "directory"),
+        ("dev.es", "data.dev.tgt", "not found"),
+        ("ref1", "data.dev.refs[0]", "not found"),
+        ("test.tsv", "data.test.tsv", "not found"),
+    ]
     for name, key, what in expect:
-        assert any(line.startswith(str(tmp_path / name)) and key in line and what in line
-                   for line in lines), key
+        assert any(line.startswith(str(tmp_path / name)) and key in line and what in line for line in lines), key
     assert not any("train.en" in line for line in lines)
 
 
 def test_check_data_files_ok(tmp_path: Path) -> None:
     for name in ("a", "b"):
         (tmp_path / name).write_text("x\n")
-    r = load_recipe(write(tmp_path, {"output_dir": "o", "data": {"train": {"src": "a", "tgt": "b"}},
-                                     "train": {"max_steps": 1}}))
+    r = load_recipe(
+        write(tmp_path, {"output_dir": "o", "data": {"train": {"src": "a", "tgt": "b"}}, "train": {"max_steps": 1}})
+    )
     assert check_data_files(r) is None
 
 
 def test_max_len_must_fit_max_positions() -> None:
-    msg = error_of(with_(data={"train": {"src": "a", "tgt": "b"}, "max_len": 2000},
-                         model={"max_positions": 1024}))
+    msg = error_of(with_(data={"train": {"src": "a", "tgt": "b"}, "max_len": 2000}, model={"max_positions": 1024}))
     assert "data.max_len" in msg and "max_positions" in msg

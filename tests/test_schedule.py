@@ -11,13 +11,13 @@ from seq2seq_cli.schedule import inverse_sqrt_lr, lr_at, make_scheduler, noam_lr
 
 def test_noam_hand_values() -> None:
     d, w = 512, 4000
-    assert noam_lr(1, d, w, 1.0) == pytest.approx(512 ** -0.5 * 4000 ** -1.5, rel=1e-12)
+    assert noam_lr(1, d, w, 1.0) == pytest.approx(512**-0.5 * 4000**-1.5, rel=1e-12)
     assert noam_lr(1, d, w, 1.0) == pytest.approx(1.7469e-7, rel=1e-4)
-    assert noam_lr(w, d, w, 1.0) == pytest.approx(512 ** -0.5 * 4000 ** -0.5, rel=1e-12)
+    assert noam_lr(w, d, w, 1.0) == pytest.approx(512**-0.5 * 4000**-0.5, rel=1e-12)
     assert noam_lr(w, d, w, 1.0) == pytest.approx(6.9877e-4, rel=1e-4)
     assert noam_lr(4 * w, d, w, 1.0) == pytest.approx(0.5 * 6.9877e-4, rel=1e-4)  # step^-0.5 decay
     assert noam_lr(2000, d, w, 1.0) == pytest.approx(0.5 * 6.9877e-4, rel=1e-4)  # linear warm-up
-    assert noam_lr(w, d, w, 2.0) == pytest.approx(2 * 6.9877e-4, rel=1e-4)      # factor scales
+    assert noam_lr(w, d, w, 2.0) == pytest.approx(2 * 6.9877e-4, rel=1e-4)  # factor scales
     assert noam_lr(0, d, w, 1.0) == noam_lr(1, d, w, 1.0)
 
 
@@ -25,8 +25,8 @@ def test_noam_shape() -> None:
     lrs = [noam_lr(s, 64, 50, 1.0) for s in range(1, 300)]
     peak = max(range(len(lrs)), key=lrs.__getitem__) + 1
     assert peak == 50
-    assert all(a < b for a, b in zip(lrs[:49], lrs[1:50]))   # strictly increasing in warm-up
-    assert all(a > b for a, b in zip(lrs[49:], lrs[50:]))     # strictly decreasing after
+    assert all(a < b for a, b in zip(lrs[:49], lrs[1:50]))  # strictly increasing in warm-up
+    assert all(a > b for a, b in zip(lrs[49:], lrs[50:]))  # strictly decreasing after
 
 
 def test_inverse_sqrt_hand_values() -> None:
@@ -41,7 +41,7 @@ def test_inverse_sqrt_hand_values() -> None:
 def test_lr_at_dispatches() -> None:
     noam = TrainConfig(schedule="noam", warmup_steps=100, lr_factor=2.0)
     inv = TrainConfig(schedule="inverse_sqrt", warmup_steps=100, peak_lr=1e-3)
-    assert lr_at(37, noam, 256) == pytest.approx(2.0 * 256 ** -0.5 * 37 * 100 ** -1.5)
+    assert lr_at(37, noam, 256) == pytest.approx(2.0 * 256**-0.5 * 37 * 100**-1.5)
     assert lr_at(400, inv, 256) == pytest.approx(5e-4)
 
 
@@ -67,7 +67,7 @@ def test_scheduler_drives_optimizer(schedule: str) -> None:
     if schedule == "inverse_sqrt":
         assert seen[9] == pytest.approx(3e-3)
     else:
-        assert seen[9] == pytest.approx(1.5 * 32 ** -0.5 * 10 ** -0.5)
+        assert seen[9] == pytest.approx(1.5 * 32**-0.5 * 10**-0.5)
 
 
 def test_scheduler_state_dict_resume() -> None:
@@ -91,21 +91,24 @@ def test_scheduler_state_dict_resume() -> None:
 
 # ------------------------------------------------------------------------------ budget (Li et al. 2020)
 
+
 def test_budget_lr_hand_values() -> None:
     from seq2seq_cli.schedule import budget_lr
+
     assert budget_lr(0.0, 0.1, 2e-3) == 0.0
-    assert budget_lr(0.05, 0.1, 2e-3) == pytest.approx(1e-3)          # half-way up the warm-up
-    assert budget_lr(0.1, 0.1, 2e-3) == pytest.approx(2e-3)           # the peak at the warm-up's end
-    assert budget_lr(0.55, 0.1, 2e-3) == pytest.approx(1e-3)          # half-way down the decay
+    assert budget_lr(0.05, 0.1, 2e-3) == pytest.approx(1e-3)  # half-way up the warm-up
+    assert budget_lr(0.1, 0.1, 2e-3) == pytest.approx(2e-3)  # the peak at the warm-up's end
+    assert budget_lr(0.55, 0.1, 2e-3) == pytest.approx(1e-3)  # half-way down the decay
     assert budget_lr(1.0, 0.1, 2e-3) == 0.0 and budget_lr(1.7, 0.1, 2e-3) == 0.0  # zero at (and past) the end
 
 
 def test_budget_progress_is_the_most_spent_budget() -> None:
     from seq2seq_cli.schedule import budget_progress
+
     both = TrainConfig(schedule="budget", max_steps=1000, max_time=10.0)
-    assert budget_progress(100, 60.0, both) == pytest.approx(0.1)     # 10% of the steps, 10% of the time
-    assert budget_progress(100, 300.0, both) == pytest.approx(0.5)    # time binds: the slower machine
-    assert budget_progress(800, 60.0, both) == pytest.approx(0.8)     # steps bind: the faster machine
+    assert budget_progress(100, 60.0, both) == pytest.approx(0.1)  # 10% of the steps, 10% of the time
+    assert budget_progress(100, 300.0, both) == pytest.approx(0.5)  # time binds: the slower machine
+    assert budget_progress(800, 60.0, both) == pytest.approx(0.8)  # steps bind: the faster machine
     assert budget_progress(5, 30.0, TrainConfig(schedule="budget", max_time=1.0)) == pytest.approx(0.5)
 
 
@@ -123,6 +126,7 @@ def test_budget_schedule_on_a_time_budget_fits_any_speed() -> None:
 
 def test_budget_schedule_needs_a_budget() -> None:
     from seq2seq_cli.recipe import RecipeError, recipe_from_dict
+
     base = {"output_dir": "o", "data": {"train": {"src": "a", "tgt": "b"}}}
     with pytest.raises(RecipeError, match="schedule budget needs a budget to fit"):
         recipe_from_dict({**base, "train": {"schedule": "budget", "max_epochs": 3}})

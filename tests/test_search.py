@@ -21,6 +21,7 @@ VOCAB = 6
 
 # ------------------------------------------------------------------------------ the fake model
 
+
 class FakeState:
     """One generated prefix per row; `select` copies rows like DecoderState.select."""
 
@@ -40,8 +41,12 @@ class FakeModel:
 
     pad_id, bos_id, eos_id = PAD, BOS, EOS
 
-    def __init__(self, table: dict[tuple[int, ...], dict[int, float]],
-                 default: Optional[dict[int, float]] = None, max_positions: int = 64) -> None:
+    def __init__(
+        self,
+        table: dict[tuple[int, ...], dict[int, float]],
+        default: Optional[dict[int, float]] = None,
+        max_positions: int = 64,
+    ) -> None:
         self.table, self.default = table, default or {EOS: 0.97, A: 0.01, B: 0.01, C: 0.01}
         self.cfg = SimpleNamespace(max_positions=max_positions)
         self.calls = 0
@@ -69,8 +74,11 @@ class FakeModel:
 # greedy takes A (0.6) then A (0.4) then EOS: 0.6*0.4*0.97 = 0.2328; but B EOS has 0.4*0.9 = 0.36
 GREEDY_TRAP = {(): {A: 0.6, B: 0.4}, (A,): {A: 0.4, B: 0.3, EOS: 0.3}, (B,): {EOS: 0.9, A: 0.05, B: 0.05}}
 # short [] has p = 0.55; long [A, A] has p = 0.44 * 0.9 * 0.92 = 0.36432
-SHORT_OR_LONG = {(): {EOS: 0.55, A: 0.44, B: 0.01}, (A,): {A: 0.9, EOS: 0.06, B: 0.04},
-                 (A, A): {EOS: 0.92, A: 0.04, B: 0.04}}
+SHORT_OR_LONG = {
+    (): {EOS: 0.55, A: 0.44, B: 0.01},
+    (A,): {A: 0.9, EOS: 0.06, B: 0.04},
+    (A, A): {EOS: 0.92, A: 0.04, B: 0.04},
+}
 # EOS ranks second at step 0: beam 1 must not keep it (greedy gives A B = 0.6 * 0.5 * 0.9 = 0.27 < 0.4)
 EOS_SECOND = {(): {A: 0.6, EOS: 0.4}, (A,): {B: 0.5, EOS: 0.3, A: 0.2}, (A, B): {EOS: 0.9, A: 0.1}}
 LOOP = {A: 0.7, B: 0.2, EOS: 0.1}  # as a default: A forever unless stopped
@@ -98,6 +106,7 @@ def assert_same(r1: list[list[Hypothesis]], r2: list[list[Hypothesis]], tol: flo
 
 # ------------------------------------------------------------------------------ options
 
+
 def test_resolve_decode_precedence_and_one_validation():
     """command line > recipe keys given explicitly > stored (tuned) values > defaults."""
     stored = DecodeConfig(beam=6, alpha=1.0, batch_tokens=999)
@@ -117,6 +126,7 @@ def test_resolve_decode_precedence_and_one_validation():
 
 
 # ------------------------------------------------------------------------------ fake-model tests
+
 
 def test_beam_finds_more_probable_sequence_than_greedy():
     model = FakeModel(GREEDY_TRAP)
@@ -206,7 +216,7 @@ def test_max_len_capped_by_max_positions():
 
 
 def _has_repeat(tokens: list[int], n: int) -> bool:
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return len(grams) != len(set(grams))
 
 
@@ -269,6 +279,7 @@ def test_search_dispatch():
 
 # ------------------------------------------------------------------------------ the real Transformer
 
+
 @pytest.fixture(scope="module")
 def transformer():
     """A random model whose EOS embedding is scaled up, so hypotheses end at varied lengths
@@ -301,13 +312,14 @@ def test_beam_one_equals_greedy_on_transformer(transformer, batch):
     assert_same(beam_search(transformer, src, o), greedy_search(transformer, src, o))
 
 
-@pytest.mark.parametrize("kw", [dict(beam=1), dict(beam=4), dict(beam=4, beta=0.3, n_best=2)],
-                         ids=["greedy", "beam4", "beam4-coverage"])
+@pytest.mark.parametrize(
+    "kw", [dict(beam=1), dict(beam=4), dict(beam=4, beta=0.3, n_best=2)], ids=["greedy", "beam4", "beam4-coverage"]
+)
 def test_batch_invariance(transformer, batch, kw):
     src, lengths = batch
     o = real_opts(**kw)
     together = search(transformer, src, o)
-    alone = [search(transformer, src[i:i + 1, :n], o)[0] for i, n in enumerate(lengths)]
+    alone = [search(transformer, src[i : i + 1, :n], o)[0] for i, n in enumerate(lengths)]
     assert_same(together, alone)
 
 
@@ -321,18 +333,18 @@ def _teacher_forced(model, src_row: torch.Tensor, tokens: list[int]) -> tuple[fl
     return total, coverage
 
 
-@pytest.mark.parametrize("kw", [dict(beam=4, beta=0.3, n_best=4), dict(beam=1, beta=0.3)],
-                         ids=["beam", "greedy"])
+@pytest.mark.parametrize("kw", [dict(beam=4, beta=0.3, n_best=4), dict(beam=1, beta=0.3)], ids=["beam", "greedy"])
 def test_scores_match_teacher_forced_rescoring(transformer, batch, kw):
     """log_prob and coverage must follow the back-pointers: recompute every hypothesis from scratch."""
     src, lengths = batch
     o = real_opts(**kw)
     for i, hyps in enumerate(search(transformer, src, o)):
-        row = src[i:i + 1, :lengths[i]]
+        row = src[i : i + 1, : lengths[i]]
         for h in hyps:
             log_prob, coverage = _teacher_forced(transformer, row, h.tokens)
-            expected = rescore(torch.tensor([log_prob]), torch.tensor([len(h.tokens) + 1]), coverage,
-                               row.ne(0), o.alpha, o.beta).item()
+            expected = rescore(
+                torch.tensor([log_prob]), torch.tensor([len(h.tokens) + 1]), coverage, row.ne(0), o.alpha, o.beta
+            ).item()
             assert h.log_prob == pytest.approx(log_prob, abs=1e-4)
             assert h.score == pytest.approx(expected, abs=1e-4)
 
@@ -368,6 +380,7 @@ def test_sampling_differs_from_greedy_at_high_temperature(transformer, batch):
 
 
 # ------------------------------------------------------------------------------ ensembles
+
 
 def test_ensemble_of_one_and_of_two_copies_equals_the_model(transformer, batch):
     src, _ = batch

@@ -69,10 +69,7 @@ def test_split_document_keeps_paragraphs_and_joins_translations() -> None:
     assert seg.counts == (3, 2, 1)
     assert seg.separators == ("\n\n\n", "\n  \n")
     upper = join_document(seg, [s.upper() for s in seg.sentences])
-    assert (
-        upper
-        == "MR. SMITH WENT TO WASHINGTON. HE SAID HI! THEN HE LEFT.\n\n\nA NEW PARAGRAPH? YES.\n  \nLAST."
-    )
+    assert upper == "MR. SMITH WENT TO WASHINGTON. HE SAID HI! THEN HE LEFT.\n\n\nA NEW PARAGRAPH? YES.\n  \nLAST."
     assert split_document("   ", "en").sentences == ()
     assert join_document(split_document("\n\nx y.\n\n", "en"), ["z."]) == "\n\nz.\n\n"
     assert split_document("Hola. ¿Qué tal? Bien.", "xx").sentences == (
@@ -181,9 +178,7 @@ class ThreadServer:
 def served(e2e):
     from seq2seq_cli.serve import ModelSpec, ServeConfig, create_app, load_engine
 
-    config = ServeConfig(
-        device="cpu", threads=1, workers=1, max_wait_ms=100, max_chars=2000, max_sentences=40
-    )
+    config = ServeConfig(device="cpu", threads=1, workers=1, max_wait_ms=100, max_chars=2000, max_sentences=40)
     engines = [
         load_engine(ModelSpec((e2e.last,)), config),
         load_engine(ModelSpec((e2e.last,), "es", "en"), config),
@@ -229,9 +224,7 @@ def test_concurrent_requests_equal_cli_and_share_batches(served, cli_out) -> Non
 
     def ask(line: str) -> dict:
         barrier.wait(10)
-        r = httpx.post(
-            f"{served.url}/v1/translate", json={"text": line, "source": "en", "target": "es"}, timeout=60
-        )
+        r = httpx.post(f"{served.url}/v1/translate", json={"text": line, "source": "en", "target": "es"}, timeout=60)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -299,9 +292,7 @@ def test_documents_are_split_and_equal_cli_split_sentences(served, cli_out) -> N
 def test_decode_split_sentences_refuses_n_best(e2e, tmp_path) -> None:
     src = tmp_path / "x.en"
     src.write_text("one two. three\n", encoding="utf-8")
-    r = runner.invoke(
-        cli_app, ["decode", str(e2e.last), "-i", str(src), "--split-sentences", "--n-best", "2"]
-    )
+    r = runner.invoke(cli_app, ["decode", str(e2e.last), "-i", str(src), "--split-sentences", "--n-best", "2"])
     assert r.exit_code == 2 and "--split-sentences" in r.stderr
 
 
@@ -329,12 +320,8 @@ def test_libretranslate_endpoints(served, cli_out) -> None:
         },
     )
     assert r.status_code == 200, r.text
-    assert (
-        r.json()["translatedText"] == f"<p class='x'>{cli_out['plain'][4]} <b>{cli_out['plain'][5]}</b></p>"
-    )
-    r = httpx.post(
-        f"{served.url}/translate", json={"q": LINES[0], "source": "en", "target": "es", "alternatives": 2}
-    )
+    assert r.json()["translatedText"] == f"<p class='x'>{cli_out['plain'][4]} <b>{cli_out['plain'][5]}</b></p>"
+    r = httpx.post(f"{served.url}/translate", json={"q": LINES[0], "source": "en", "target": "es", "alternatives": 2})
     body = r.json()
     v1 = httpx.post(
         f"{served.url}/v1/translate",
@@ -436,9 +423,7 @@ def test_health_metrics_page_and_404(served) -> None:
     ):
         assert name in m.text
     page = httpx.get(f"{served.url}/")
-    assert (
-        page.status_code == 200 and "<textarea" in page.text and "http" not in page.text.split("<script>")[1]
-    )
+    assert page.status_code == 200 and "<textarea" in page.text and "http" not in page.text.split("<script>")[1]
     missing = httpx.get(f"{served.url}/nope")
     assert missing.status_code == 404 and missing.json()["code"] == "http_404"
 
@@ -488,13 +473,9 @@ def test_client_disconnect_does_not_break_its_batch(served, cli_out, caplog, mon
         holder = pool.submit(ask, 6)
         wait_for(lambda: len(calls) == 1, "the first batch")
         gone = pool.submit(impatient)
-        wait_for(
-            lambda: httpx.get(f"{served.url}/health").json()["queued_requests"] == 1, "the impatient request"
-        )
+        wait_for(lambda: httpx.get(f"{served.url}/health").json()["queued_requests"] == 1, "the impatient request")
         others = [pool.submit(ask, i) for i in range(4)]
-        wait_for(
-            lambda: httpx.get(f"{served.url}/health").json()["queued_requests"] == 5, "five queued requests"
-        )
+        wait_for(lambda: httpx.get(f"{served.url}/health").json()["queued_requests"] == 5, "five queued requests")
         gates[0].set()
         wait_for(lambda: len(calls) == 2, "the second batch")
         gone.result(30)  # the client timed out while its sentences were being searched
@@ -607,9 +588,7 @@ def test_serve_cli_errors(e2e, tmp_path) -> None:
     r = runner.invoke(cli_app, ["serve", str(e2e.last), str(e2e.last), "--device", "cpu"])
     assert r.exit_code == 2 and "two models serve en-es" in r.stderr
     (tmp_path / "m.yaml").write_text(f"models:\n  - {{path: {e2e.last}, source: en, target: es}}\n")
-    r = runner.invoke(
-        cli_app, ["serve", str(e2e.last), "--models", str(tmp_path / "m.yaml"), "--device", "cpu"]
-    )
+    r = runner.invoke(cli_app, ["serve", str(e2e.last), "--models", str(tmp_path / "m.yaml"), "--device", "cpu"])
     assert r.exit_code == 2 and "two models serve en-es" in r.stderr  # the models file was read
     r = runner.invoke(cli_app, ["serve", "--models", str(tmp_path / "none.yaml")])
     assert r.exit_code == 2 and "cannot read models file" in r.stderr
@@ -629,9 +608,7 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)"
-)
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)")
 def test_web_page_in_headless_chromium(served, cli_out) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:

@@ -160,7 +160,12 @@ def test_missing_or_corrupt_model_files(tokenizers, tmp_path: Path) -> None:
 
 def test_foreign_model_with_other_special_ids_is_rejected(corpus, tmp_path: Path) -> None:
     # sentencepiece's defaults: unk 0, bos 1, eos 2, no pad
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus[0][:200]), model_prefix=str(tmp_path / "spm"),
-                                   vocab_size=200, minloglevel=2, num_threads=1)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus[0][:200]),
+        model_prefix=str(tmp_path / "spm"),
+        vocab_size=200,
+        minloglevel=2,
+        num_threads=1,
+    )
     with pytest.raises(TokenizerError, match=r"spm\.model: special ids .* are \(-1, 0, 1, 2\)"):
         Tokenizer.load(tmp_path)

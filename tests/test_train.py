@@ -42,6 +42,7 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------ resume
 
+
 def test_resumed_run_equals_uninterrupted_run(e2e, tmp_path: Path) -> None:
     """N steps, then resume to N+M == N+M steps at once (dropout on, an epoch boundary crossed)."""
     n, m = 5, 6
@@ -62,8 +63,11 @@ def test_resumed_run_equals_uninterrupted_run(e2e, tmp_path: Path) -> None:
     assert pa.keys() == pb.keys()
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-6, msg=k)
-    first_w = _params(tmp_path / "a" / "checkpoints" / f"step-{n}.pt") if (
-        tmp_path / "a" / "checkpoints" / f"step-{n}.pt").exists() else None
+    first_w = (
+        _params(tmp_path / "a" / "checkpoints" / f"step-{n}.pt")
+        if (tmp_path / "a" / "checkpoints" / f"step-{n}.pt").exists()
+        else None
+    )
     if first_w is not None:  # the comparison is not vacuous: training moved the weights
         assert any(not torch.equal(first_w[k], pa[k]) for k in pa if pa[k].is_floating_point())
 
@@ -74,8 +78,15 @@ def test_budget_schedule_resumes_exactly(e2e, tmp_path: Path, monkeypatch) -> No
     from seq2seq_cli.train import Trainer
 
     n, total = 4, 9
-    common = dict(train__valid_every=1000, train__log_every=1, model__dropout=0.1, train__schedule="budget",
-                  train__peak_lr=3e-3, train__warmup_fraction=0.3, train__max_steps=total)
+    common = dict(
+        train__valid_every=1000,
+        train__log_every=1,
+        model__dropout=0.1,
+        train__schedule="budget",
+        train__peak_lr=3e-3,
+        train__warmup_fraction=0.3,
+        train__max_steps=total,
+    )
     original = Trainer._budget_left
     monkeypatch.setattr(Trainer, "_budget_left", lambda self: "stopped" if self.pos.step >= n else original(self))
     assert _train(e2e, tmp_path / "a", **common)["step"] == n
@@ -100,6 +111,7 @@ def test_rerun_of_a_finished_run_does_not_train_again(e2e, tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------------------------------ metrics and files
+
 
 def test_metrics_jsonl_has_train_and_valid_records(e2e) -> None:
     train = _records(e2e.run_dir, "train")
@@ -130,8 +142,9 @@ def test_best_and_last_checkpoints_exist_and_load(e2e) -> None:
 
 
 def test_best_metric_chrf_works(e2e, tmp_path: Path) -> None:
-    result = _train(e2e, tmp_path, train__max_steps=2, train__valid_every=2, train__valid_max_sentences=4,
-                    train__best_metric="chrf")
+    result = _train(
+        e2e, tmp_path, train__max_steps=2, train__valid_every=2, train__valid_max_sentences=4, train__best_metric="chrf"
+    )
     assert result["step"] == 2 and (tmp_path / "checkpoints" / "best.pt").exists()
     assert "chrf" in _records(tmp_path, "valid")[0]
 
@@ -139,8 +152,15 @@ def test_best_metric_chrf_works(e2e, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def many_checkpoints(e2e, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("keep_last")
-    _train(e2e, out, train__max_steps=8, train__valid_every=2, train__valid_max_sentences=3,
-           train__keep_last=2, train__average_last=2)
+    _train(
+        e2e,
+        out,
+        train__max_steps=8,
+        train__valid_every=2,
+        train__valid_max_sentences=3,
+        train__keep_last=2,
+        train__average_last=2,
+    )
     return out
 
 
@@ -165,10 +185,19 @@ def test_average_last_writes_average_pt(many_checkpoints: Path) -> None:
 
 # ------------------------------------------------------------------------------------ budgets
 
+
 def test_early_stopping_with_patience_stops_before_max_steps(e2e, tmp_path: Path) -> None:
     # lr ~1e-13: the weights (and so the dev BLEU) cannot change, the 2nd validation is not better.
-    result = _train(e2e, tmp_path, train__max_steps=50, train__valid_every=2, train__valid_max_sentences=5,
-                    train__patience=1, train__best_metric="bleu", train__lr_factor=1e-12)
+    result = _train(
+        e2e,
+        tmp_path,
+        train__max_steps=50,
+        train__valid_every=2,
+        train__valid_max_sentences=5,
+        train__patience=1,
+        train__best_metric="bleu",
+        train__lr_factor=1e-12,
+    )
     assert result["stop_reason"] == "early_stopping"
     assert result["step"] == 4
     valid = _records(tmp_path, "valid")
@@ -179,8 +208,7 @@ def test_early_stopping_with_patience_stops_before_max_steps(e2e, tmp_path: Path
 
 def test_max_time_budget_stops(e2e, tmp_path: Path) -> None:
     start = time.perf_counter()
-    result = _train(e2e, tmp_path, train__max_steps=0, train__max_time=0.01, data__dev=None,
-                    train__log_every=1)
+    result = _train(e2e, tmp_path, train__max_steps=0, train__max_time=0.01, data__dev=None, train__log_every=1)
     elapsed = time.perf_counter() - start
     assert result["stop_reason"] == "max_time"
     assert 1 <= result["step"] < 10_000
@@ -190,6 +218,7 @@ def test_max_time_budget_stops(e2e, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ signals
+
 
 def _spawn_train(e2e, out: Path, **extra) -> subprocess.Popen:
     e2e.copy_tokenizer(out)
@@ -234,12 +263,20 @@ def test_sigint_inside_a_slow_step_exits_within_seconds(e2e, tmp_path: Path) -> 
     """Steps made slow for real (bf16 emulated by oneDNN under ONEDNN_MAX_CPU_ISA=AVX2, as on a CPU
     without native bf16): Ctrl-C in the middle of a step drops that step, saves the last completed
     one and exits 130 long before the step would have ended."""
-    extra = dict(train__log_every=1, train__valid_every=100000, train__precision="bf16", model__d_model=256,
-                 model__ff_dim=1024, train__batch_tokens=4096, train__max_steps=100000)
+    extra = dict(
+        train__log_every=1,
+        train__valid_every=100000,
+        train__precision="bf16",
+        model__d_model=256,
+        model__ff_dim=1024,
+        train__batch_tokens=4096,
+        train__max_steps=100000,
+    )
     e2e.copy_tokenizer(tmp_path)
     cmd = [*e2e.cli(), "train", str(e2e.recipe), *e2e.set_args(tmp_path, **extra), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**e2e.env(), "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**e2e.env(), "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    )
     _wait_for(proc, lambda: len(_records(tmp_path, "train")) >= 1, timeout=600)
     step_seconds = _records(tmp_path, "train")[0]["minutes"] * 60
     assert step_seconds > 6, f"the step must be slow for this test to mean anything ({step_seconds:.1f} s)"

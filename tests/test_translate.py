@@ -21,10 +21,19 @@ from seq2seq_cli.precision import native_bf16
 from seq2seq_cli.translate import Translator
 
 runner = CliRunner()
-WORDS = ("one two three four five six seven eight nine ten red blue green black white big small old new "
-         "good bad king queen house water fire earth light dark day").split()
-LINES = ["one two three", "the king and the queen", "water fire earth light dark day", "nine",
-         "big red house", "old king", "seven eight nine ten one two three four five six"]
+WORDS = (
+    "one two three four five six seven eight nine ten red blue green black white big small old new "
+    "good bad king queen house water fire earth light dark day"
+).split()
+LINES = [
+    "one two three",
+    "the king and the queen",
+    "water fire earth light dark day",
+    "nine",
+    "big red house",
+    "old king",
+    "seven eight nine ten one two three four five six",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +67,17 @@ def _out_lines(text: str) -> list[str]:
 
 
 def _sub(e2e, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*e2e.cli(), "decode", str(e2e.last), "--threads", "1", *args], capture_output=True,
-                          env=e2e.env(), timeout=60, **kw)
+    return subprocess.run(
+        [*e2e.cli(), "decode", str(e2e.last), "--threads", "1", *args],
+        capture_output=True,
+        env=e2e.env(),
+        timeout=60,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------ line accounting
+
 
 def test_empty_lines_stay_empty_and_order_is_kept(e2e, translator, tmp_path: Path) -> None:
     lines = ["one two three", "", "the king and the queen", "   ", "", "nine", "\t", "big red house", ""]
@@ -128,6 +143,7 @@ def test_output_does_not_depend_on_workers(e2e, tmp_path: Path, precision: str) 
 
 def test_workers_share_the_threads_and_restore_them(e2e) -> None:
     import torch
+
     before = torch.get_num_threads()
     tr = Translator([e2e.last], "cpu", threads=2, options={"precision": "fp32", "workers": 2})
     seen: list[tuple[int, int]] = []
@@ -149,10 +165,17 @@ def test_ensemble_of_the_same_checkpoint_equals_the_single_checkpoint(e2e, tmp_p
 
 # ------------------------------------------------------------------------------------ odd input
 
+
 def test_emoji_cjk_and_control_characters_give_one_line_each(e2e, tmp_path: Path) -> None:
-    lines = ["one 🙂 two 中文 three", "red\x01\x1b[31m king\x0bqueen\x0c house",
-             "fire\u2028water\u2029earth\x85day",
-             "\x01\x02\x7f", "\ufeffnine\u200b ten\r", "old\rking", "ß Ω ع עברית 🏳️‍🌈"]
+    lines = [
+        "one 🙂 two 中文 three",
+        "red\x01\x1b[31m king\x0bqueen\x0c house",
+        "fire\u2028water\u2029earth\x85day",
+        "\x01\x02\x7f",
+        "\ufeffnine\u200b ten\r",
+        "old\rking",
+        "ß Ω ع עברית 🏳️‍🌈",
+    ]
     src = tmp_path / "in.txt"
     src.write_bytes("".join(x + "\n" for x in lines).encode("utf-8"))
     result = _decode(e2e.last, "-i", str(src))
@@ -217,12 +240,23 @@ def test_output_file_mode_follows_umask(e2e, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ property
 
-@settings(max_examples=8, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(st.lists(st.one_of(st.text(max_size=20).map(lambda s: s.replace("\n", "").replace("\r", "")),
-                          st.lists(st.sampled_from(WORDS), max_size=6).map(" ".join),
-                          st.just("")),
-                max_size=6))
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=20).map(lambda s: s.replace("\n", "").replace("\r", "")),
+            st.lists(st.sampled_from(WORDS), max_size=6).map(" ".join),
+            st.just(""),
+        ),
+        max_size=6,
+    )
+)
 def test_translate_window_gives_one_result_per_input_in_order(translator, lines: list[str]) -> None:
     opts = translator.options()
     together = translator.translate_window(lines, opts.model_copy(update={"batch_tokens": 64}))
@@ -238,9 +272,9 @@ def test_translate_window_gives_one_result_per_input_in_order(translator, lines:
 
 # ------------------------------------------------------------------------------------ stdin and pipes
 
+
 def test_stdin_pipe(e2e, translator) -> None:
-    script = (f"printf 'one two three\\n\\nold king\\n' | {' '.join(e2e.cli())} decode '{e2e.last}' "
-              "--threads 1")
+    script = f"printf 'one two three\\n\\nold king\\n' | {' '.join(e2e.cli())} decode '{e2e.last}' --threads 1"
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=e2e.env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert _out_lines(proc.stdout) == _expected(translator, ["one two three", "", "old king"])
@@ -252,16 +286,28 @@ def test_quick_exit_keeps_the_output_whole_and_the_exit_status(e2e, translator, 
     (no PYTHONUNBUFFERED), must still arrive whole, and a user error must still exit 2."""
     env = {k: v for k, v in e2e.env().items() if k != "PYTHONUNBUFFERED"}
     lines = [f"{w} {v}" for w in WORDS[:12] for v in WORDS[:25]]  # 300 lines, ~4 KiB of output or more
-    proc = subprocess.run([*e2e.cli(), "decode", str(e2e.last), "--threads", "1", "--beam", "1"],
-                          input="\n".join(lines) + "\n", capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [*e2e.cli(), "decode", str(e2e.last), "--threads", "1", "--beam", "1"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     got = _out_lines(proc.stdout)
     assert len(got) == len(lines)
     opts = translator.options(beam=1)
     for line, out in zip(lines[-3:], got[-3:]):
         assert out == translator.detok(translator.translate_window([line], opts)[0][0])
-    bad = subprocess.run([*e2e.cli(), "decode", str(tmp_path / "missing.pt")], input="x\n", capture_output=True,
-                         text=True, env=env, timeout=60)
+    bad = subprocess.run(
+        [*e2e.cli(), "decode", str(tmp_path / "missing.pt")],
+        input="x\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
 
 
@@ -282,8 +328,9 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
 def test_interactive_stdin_gets_each_answer_before_stdin_closes(e2e, translator, stream: bool) -> None:
     cmd = [*e2e.cli(), "decode", str(e2e.last), "--threads", "1"] + (["--stream"] if stream else [])
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=e2e.env(), bufsize=0)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e2e.env(), bufsize=0
+    )
     try:
         expected = _expected(translator, ["one two three", "water fire earth"])
         proc.stdin.write(b"one two three\n")
@@ -301,9 +348,11 @@ def test_interactive_stdin_gets_each_answer_before_stdin_closes(e2e, translator,
 
 def test_broken_pipe_exits_quietly(e2e, tmp_path: Path) -> None:
     err, rc = tmp_path / "err.txt", tmp_path / "rc.txt"
-    script = (f"set +o pipefail; yes 'one two three' | head -n 400 | {' '.join(e2e.cli())} "
-              f"decode '{e2e.last}' --threads 1 --stream --beam 1 2>'{err}' | head -n 1; "
-              f"echo ${{PIPESTATUS[2]}} > '{rc}'")
+    script = (
+        f"set +o pipefail; yes 'one two three' | head -n 400 | {' '.join(e2e.cli())} "
+        f"decode '{e2e.last}' --threads 1 --stream --beam 1 2>'{err}' | head -n 1; "
+        f"echo ${{PIPESTATUS[2]}} > '{rc}'"
+    )
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=e2e.env(), timeout=90)
     assert proc.returncode == 0
     assert len(_out_lines(proc.stdout)) == 1
@@ -320,8 +369,7 @@ def test_sigint_during_decode_leaves_no_output_file(e2e, tmp_path: Path) -> None
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "out.txt"
-    cmd = [*e2e.cli(), "decode", str(e2e.last), "--threads", "1", "-i", str(src), "-o", str(out),
-           "--beam", "4"]
+    cmd = [*e2e.cli(), "decode", str(e2e.last), "--threads", "1", "-i", str(src), "-o", str(out), "--beam", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e2e.env(), text=True)
     deadline = time.monotonic() + 60
     while not list(out_dir.iterdir()):  # the temporary output exists once decoding has started
@@ -339,11 +387,13 @@ def test_sigint_during_decode_leaves_no_output_file(e2e, tmp_path: Path) -> None
 
 # ------------------------------------------------------------------------------------ precision
 
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_low_precision_decoding_stays_close_to_fp32(e2e, translator, tmp_path: Path, precision: str) -> None:
     """The bf16/int8 model's next-token distribution stays close to fp32's, and decoding through
     the CLI still gives one line per input line."""
     import torch
+
     low = Translator([e2e.last], "cpu", threads=1, options={"precision": precision})
     if precision == "int8":
         assert any("quantized" in type(m).__module__ for m in low.model.modules())
@@ -375,6 +425,7 @@ def test_unknown_precision_is_a_one_line_error(e2e, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ batch invariance
 
+
 @pytest.mark.parametrize("precision", ["fp32"])
 def test_each_line_alone_equals_the_line_in_a_mixed_batch(e2e, precision: str) -> None:
     """The precision `auto` decodes with (fp32) is batch-invariant: a line's translation does not
@@ -382,7 +433,7 @@ def test_each_line_alone_equals_the_line_in_a_mixed_batch(e2e, precision: str) -
     is not guaranteed to be (its rounded matmul outputs depend on the batch shape's kernel), nor
     is int8 (next test)."""
     tr = Translator([e2e.last], "cpu", threads=1, options={"precision": precision, "workers": 1, "beam": 3})
-    lines = LINES + [" ".join(WORDS[i: i + 1 + i % 9]) for i in range(0, 24, 3)]
+    lines = LINES + [" ".join(WORDS[i : i + 1 + i % 9]) for i in range(0, 24, 3)]
     mixed = tr.translate_window(lines, tr.options(batch_tokens=100000))  # one batch with every line
     assert len({len(x.split()) for x in lines}) > 4  # really mixed lengths
     for line, together in zip(lines, mixed):

@@ -38,13 +38,15 @@ def _lines(path: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------ tune
 
+
 @pytest.fixture(scope="module")
 def tuned(e2e, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`translate tune best.pt --beams 1,2 --alphas 0,1 --betas 0.2 --max-sentences 10 -o OUT`, once."""
     out = tmp_path_factory.mktemp("tune") / "tuned.pt"
     before = e2e.best.read_bytes()
-    result = _invoke("tune", e2e.best, "--beams", "1,2", "--alphas", "0,1", "--betas", "0.2",
-                     "--max-sentences", "10", "-o", out)
+    result = _invoke(
+        "tune", e2e.best, "--beams", "1,2", "--alphas", "0,1", "--betas", "0.2", "--max-sentences", "10", "-o", out
+    )
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     assert e2e.best.read_bytes() == before, "tune -o must not modify the input checkpoint"
     return {"out": out, "report": json.loads(result.stdout)}
@@ -55,8 +57,12 @@ def test_tune_reports_the_staged_grid_and_its_best(tuned) -> None:
     assert {"best", "trials"} <= set(report)
     trials = report["trials"]
     # stage 1: every (beam, alpha) with beta 0, in grid order; stage 2: beta 0.2 at the stage-1 winner
-    assert [(t["beam"], t["alpha"], t["beta"]) for t in trials[:4]] == [(1, 0.0, 0.0), (1, 1.0, 0.0),
-                                                                        (2, 0.0, 0.0), (2, 1.0, 0.0)]
+    assert [(t["beam"], t["alpha"], t["beta"]) for t in trials[:4]] == [
+        (1, 0.0, 0.0),
+        (1, 1.0, 0.0),
+        (2, 0.0, 0.0),
+        (2, 1.0, 0.0),
+    ]
     assert len(trials) == 2 * 2 + 1
     stage1 = max(trials[:4], key=lambda t: (t["bleu"], -t["beam"]))
     assert (trials[4]["beam"], trials[4]["alpha"], trials[4]["beta"]) == (stage1["beam"], stage1["alpha"], 0.2)
@@ -91,8 +97,20 @@ def test_decoding_the_tuned_checkpoint_uses_the_tuned_settings(e2e, tuned, tmp_p
     plain, explicit = tmp_path / "plain.hyp", tmp_path / "explicit.hyp"
     r1 = _invoke("decode", tuned["out"], "-i", src, "-o", plain)
     assert r1.exit_code == 0, r1.output
-    r2 = _invoke("decode", e2e.best, "-i", src, "-o", explicit, "--beam", str(best["beam"]),
-                 "--alpha", str(best["alpha"]), "--beta", str(best["beta"]))
+    r2 = _invoke(
+        "decode",
+        e2e.best,
+        "-i",
+        src,
+        "-o",
+        explicit,
+        "--beam",
+        str(best["beam"]),
+        "--alpha",
+        str(best["alpha"]),
+        "--beta",
+        str(best["beta"]),
+    )
     assert r2.exit_code == 0, r2.output
     assert _lines(plain) == _lines(explicit)
     assert len(_lines(plain)) == len(_lines(Path(src))) and any(_lines(plain))
@@ -104,8 +122,7 @@ def test_tune_in_place_with_src_ref_files(e2e, tmp_path: Path) -> None:
     src, ref = tmp_path / "dev.en", tmp_path / "dev.es"
     src.write_text("".join(x + "\n" for x in _lines(Path(e2e.data["data.dev.src"]))[:6]), encoding="utf-8")
     ref.write_text("".join(x + "\n" for x in _lines(Path(e2e.data["data.dev.tgt"]))[:6]), encoding="utf-8")
-    result = _invoke("tune", ckpt, "--beams", "3", "--alphas", "0.3", "--betas", "0",
-                     "--src", src, "--ref", ref)
+    result = _invoke("tune", ckpt, "--beams", "3", "--alphas", "0.3", "--betas", "0", "--src", src, "--ref", ref)
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     report = json.loads(result.stdout)
     assert report["checkpoint"] == str(ckpt) and report["dev_sentences"] == 6
@@ -120,8 +137,9 @@ def test_tune_with_mismatched_src_ref_exits_2_with_one_line(e2e, tmp_path: Path)
     src, ref, out = tmp_path / "dev.en", tmp_path / "dev.es", tmp_path / "out.pt"
     src.write_text("one two\nthree\nfour\n", encoding="utf-8")
     ref.write_text("uno dos\ntres\n", encoding="utf-8")
-    result = _invoke("tune", e2e.best, "--beams", "1", "--alphas", "0", "--betas", "0",
-                     "--src", src, "--ref", ref, "-o", out)
+    result = _invoke(
+        "tune", e2e.best, "--beams", "1", "--alphas", "0", "--betas", "0", "--src", src, "--ref", ref, "-o", out
+    )
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
     assert message.startswith("error: ") and "\n" not in message, message
@@ -131,10 +149,23 @@ def test_tune_with_mismatched_src_ref_exits_2_with_one_line(e2e, tmp_path: Path)
 
 # ------------------------------------------------------------------------------------ bench
 
+
 @pytest.mark.slow
 def test_bench_json_reports_every_part(e2e) -> None:
-    result = _invoke("bench", e2e.recipe, *e2e.set_args(e2e.run_dir), "--steps", "2", "--warmup", "1",
-                     "--lines", "5", "--json", "--checkpoint", e2e.best)
+    result = _invoke(
+        "bench",
+        e2e.recipe,
+        *e2e.set_args(e2e.run_dir),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--lines",
+        "5",
+        "--json",
+        "--checkpoint",
+        e2e.best,
+    )
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     r = json.loads(result.stdout)
     assert r["matmul"]["fp32_gflops"] > 0 and r["matmul"]["bf16_gflops"] > 0
@@ -150,8 +181,10 @@ def test_bench_json_reports_every_part(e2e) -> None:
     # the FLOPs split matches the trained model's shape
     model, _ = load_model(load_checkpoint(e2e.best))
     hand = _flops_per_token(model, 0.5)
-    assert (t["flops_per_src_token"], t["flops_per_tgt_token"]) == (hand["flops_per_src_token"],
-                                                                    hand["flops_per_tgt_token"])
+    assert (t["flops_per_src_token"], t["flops_per_tgt_token"]) == (
+        hand["flops_per_src_token"],
+        hand["flops_per_tgt_token"],
+    )
     decode = {(d["beam"], d["precision"]): d for d in r["decode"]}
     bf16 = {(5, "bf16")} if r["machine"]["native_bf16"] else set()
     assert set(decode) == {(1, "fp32"), (5, "fp32"), (5, "int8")} | bf16
@@ -180,8 +213,17 @@ def _hand_params(cfg: ModelConfig, vocab: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("norm,tie", [("post", True), ("pre", True), ("pre", False)])
 def test_flops_per_token_is_six_times_the_parameters_touched(norm: str, tie: bool) -> None:
-    cfg = ModelConfig(d_model=16, n_heads=2, n_encoder_layers=2, n_decoder_layers=3, ff_dim=24, norm=norm,
-                      tie_output=tie, share_embeddings=False, max_positions=32)
+    cfg = ModelConfig(
+        d_model=16,
+        n_heads=2,
+        n_encoder_layers=2,
+        n_decoder_layers=3,
+        ff_dim=24,
+        norm=norm,
+        tie_output=tie,
+        share_embeddings=False,
+        max_positions=32,
+    )
     vocab = 50
     model = build_model(cfg, 40, vocab, 0, 2, 3)
     enc, tgt = _hand_params(cfg, vocab)
@@ -205,12 +247,18 @@ def test_bench_train_runs_the_real_loop_across_epochs(e2e, tmp_path: Path) -> No
 
 # ------------------------------------------------------------------------------------ bf16
 
+
 def test_bf16_training_runs_with_finite_losses(e2e, tmp_path: Path) -> None:
     out = tmp_path / "bf16"
     e2e.copy_tokenizer(out)
-    result = _invoke("train", e2e.recipe, *e2e.set_args(out, train__precision="bf16", train__max_steps=3,
-                                                       train__log_every=1, train__valid_max_sentences=5),
-                     "--no-progress")
+    result = _invoke(
+        "train",
+        e2e.recipe,
+        *e2e.set_args(
+            out, train__precision="bf16", train__max_steps=3, train__log_every=1, train__valid_max_sentences=5
+        ),
+        "--no-progress",
+    )
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     records = [json.loads(x) for x in _lines(out / "metrics.jsonl")]
     train = [r for r in records if r["type"] == "train"]
@@ -220,8 +268,9 @@ def test_bf16_training_runs_with_finite_losses(e2e, tmp_path: Path) -> None:
     assert valid and math.isfinite(valid[-1]["dev_nll"])
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt.recipe.train.precision == "bf16" and ckpt.step == 3
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt.weights.values()
-               if v.is_floating_point())  # master weights stay fp32
+    assert all(
+        v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt.weights.values() if v.is_floating_point()
+    )  # master weights stay fp32
 
 
 def test_bf16_first_update_loss_matches_fp32(e2e, tmp_path: Path) -> None:
@@ -252,8 +301,7 @@ def test_attention_under_bf16_autocast_is_close_to_fp32(mode: str) -> None:
     def run():
         kv_in = x if causal else memory
         k, v = attn.keys_values(kv_in)
-        return attn.attend(x, k, v, mask=None if causal else mask, causal=causal,
-                           need_weights=mode == "cross_weights")
+        return attn.attend(x, k, v, mask=None if causal else mask, causal=causal, need_weights=mode == "cross_weights")
 
     with torch.no_grad():
         ref, ref_w = run()
@@ -269,6 +317,7 @@ def test_attention_under_bf16_autocast_is_close_to_fp32(mode: str) -> None:
 
 # ------------------------------------------------------------------------------------ score --baseline --json
 
+
 def test_score_baseline_json_has_paired_bootstrap(tmp_path: Path) -> None:
     hyps = ["the cat sat on the mat", "a dog barked at the moon", "it is raining today", "he reads a good book"]
     refs = ["the cat sat on a mat", "the dog barked at the moon", "it rains today", "he is reading a book"]
@@ -277,8 +326,9 @@ def test_score_baseline_json_has_paired_bootstrap(tmp_path: Path) -> None:
     for name, lines in (("hyp", hyps), ("ref", refs), ("base", base)):
         files[name] = tmp_path / f"{name}.txt"
         files[name].write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-    result = _invoke("score", files["hyp"], files["ref"], "--metrics", "bleu,chrf", "--baseline", files["base"],
-                     "--json")
+    result = _invoke(
+        "score", files["hyp"], files["ref"], "--metrics", "bleu,chrf", "--baseline", files["base"], "--json"
+    )
     assert result.exit_code == 0, result.output
     tests = json.loads(result.stdout)["paired_bootstrap"]
     assert [t["metric"] for t in tests] == ["BLEU", "chrF2"]
@@ -307,7 +357,8 @@ def test_tuned_value_survives_run_and_yields_to_explicit_keys_and_flags(e2e, tmp
     shutil.copytree(e2e.run_dir, run)
     best = run / "checkpoints" / "best.pt"
     ckpt = load_checkpoint(best)
-    save_checkpoint(best, replace(ckpt, decode=ckpt.decode.model_copy(update={"beta": 0.4, "max_len_b": 3, "beam": 4})))
+    tuned_settings = {"beta": 0.4, "max_len_a": 0.0, "max_len_b": 2, "beam": 4}  # at most 2 target pieces
+    save_checkpoint(best, replace(ckpt, decode=ckpt.decode.model_copy(update=tuned_settings)))
 
     def run_decode_settings(*extra: str) -> dict:
         result = _invoke("run", e2e.recipe, *e2e.set_args(run), *extra, "--no-progress")
@@ -325,9 +376,10 @@ def test_tuned_value_survives_run_and_yields_to_explicit_keys_and_flags(e2e, tmp
     plain, flagged = tmp_path / "plain.hyp", tmp_path / "flagged.hyp"
     assert _invoke("decode", best, "-i", src, "-o", plain).exit_code == 0
     assert _invoke("decode", best, "-i", src, "-o", flagged, "--max-len-b", "30").exit_code == 0
-    for path, options, max_len_b in ((plain, {}, 3), (flagged, {"max_len_b": 30}, 30)):
+    for path, options, max_len_b in ((plain, {}, 2), (flagged, {"max_len_b": 30}, 30)):
         tr = Translator([best], "cpu", 1, options)
         assert (tr.config.max_len_b, tr.config.beam, tr.config.beta) == (max_len_b, 4, 0.4)
         expected = [tr.detok(h[0]) if h else "" for h in tr.translate_window(_lines(src))]
         assert _lines(path) == expected
-    assert _lines(plain) != _lines(flagged)  # max_len_b 3 cuts translations short: the flag really counted
+    # the stored max_len 2 cuts translations short, the flag lifts it: both settings really counted
+    assert _lines(plain) != _lines(flagged) and max(len(x.split()) for x in _lines(plain)) <= 2
