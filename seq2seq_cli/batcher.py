@@ -60,7 +60,12 @@ class BatchRecord:
 
 
 class Batcher:
-    """Collect concurrent requests into batches and run them on one worker thread."""
+    """Collect concurrent requests into batches and run them on `workers` worker threads.
+
+    With several workers, a batch forms and is searched while another is being searched (each
+    worker takes the oldest queued requests when it is free), so a slow search does not hold the
+    next requests back; `on_start()` runs first in each worker thread (e.g. to give it its share
+    of the CPU threads)."""
 
     def __init__(
         self,
@@ -70,9 +75,11 @@ class Batcher:
         max_sentences: int = 256,
         on_batch: Optional[Callable[[BatchRecord], None]] = None,
         name: str = "batcher",
+        workers: int = 1,
+        on_start: Optional[Callable[[], None]] = None,
     ) -> None:
-        if max_wait < 0 or max_tokens < 1 or max_sentences < 1:
-            raise ValueError("max_wait must be >= 0, max_tokens and max_sentences >= 1")
+        if max_wait < 0 or max_tokens < 1 or max_sentences < 1 or workers < 1:
+            raise ValueError("max_wait must be >= 0, max_tokens, max_sentences and workers >= 1")
         self._run = run
         self.max_wait = max_wait
         self.max_tokens = max_tokens
@@ -81,8 +88,10 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._on_start = on_start
+        self._threads = [threading.Thread(target=self._worker, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, sentences: Sequence[str], key: Hashable, tokens: int) -> Future:
         """Queue one request's sentences (searched with settings `key`); the future gets the
@@ -109,7 +118,8 @@ class Batcher:
                 while self._queue:
                     self._queue.popleft().future.cancel()
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     # ------------------------------------------------------------------ worker thread
 
@@ -146,6 +156,11 @@ class Batcher:
             tokens += r.tokens
             sentences += len(r.sentences)
         return group, tokens, sentences
+
+    def _worker(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
+        self._loop()
 
     def _loop(self) -> None:
         while True:

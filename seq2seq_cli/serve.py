@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from importlib import resources
 from pathlib import Path
-from typing import Any, Hashable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Iterator, Literal, Optional, Sequence, Union
 from urllib.parse import parse_qsl
 
 from .batcher import Batcher, BatcherClosed, BatchRecord
@@ -191,6 +191,24 @@ class Engine:
         return {
             k: getattr(opts, k) for k in ("beam", "n_best", "alpha", "beta", "length_penalty", "max_len_a", "max_len_b")
         }
+
+    def take_workers(self) -> int:
+        """Hand the Translator's worker count to the batcher: it then runs that many batches at once,
+        one search thread each (a batch forms while another is searched), and each search is one
+        batch (the Translator's own worker pool is turned off). Returns the count."""
+        workers = max(1, int(self.translator.workers))
+        self.translator.workers = 1
+        self.batch_tokens = self.search_tokens
+        return workers
+
+    @staticmethod
+    def thread_share(workers: int) -> Callable[[], None]:
+        """What each search thread runs first: take its share of the CPU threads (torch reads the
+        count per thread), as `translate decode --workers` does."""
+        import torch
+
+        share = max(1, torch.get_num_threads() // workers)
+        return lambda: torch.set_num_threads(share)
 
     def cost(self, sentence: str, opts: Hashable) -> int:
         """Padded-token cost of a sentence in a search batch: (source pieces + EOS) x beam rows."""
@@ -453,6 +471,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         return record
 
     for s in served:
+        workers = s.engine.take_workers()
         s.batcher = Batcher(
             make_run(s),
             config.max_wait_ms / 1000,
@@ -460,6 +479,8 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
             1 << 30,
             make_record(s),
             name=f"search-{s.pair}",
+            workers=workers,
+            on_start=s.engine.thread_share(workers),
         )
 
     @contextlib.asynccontextmanager

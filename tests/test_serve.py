@@ -652,3 +652,31 @@ def test_missing_serve_extra_is_a_one_line_error(monkeypatch, e2e) -> None:
     r = runner.invoke(cli_app, ["serve", str(e2e.last)])
     assert r.exit_code == 2
     assert r.stderr.strip() == "error: translate serve needs fastapi: pip install 'seq2seq-cli[serve]'"
+
+
+def test_batcher_with_two_workers_searches_a_new_batch_while_one_is_running() -> None:
+    """workers=2: a request that arrives while a (slow) batch is being searched is searched at once
+    by the other worker, not after it; each worker ran on_start first."""
+    release = threading.Event()
+    started: list[str] = []
+
+    def run(sentences: list[str], key: object) -> list[str]:
+        if sentences == ["slow"]:
+            assert release.wait(30), "the slow batch was never released"
+        return [s.upper() for s in sentences]
+
+    batcher = Batcher(run, max_wait=0.0, workers=2, on_start=lambda: started.append(threading.current_thread().name))
+    try:
+        slow = batcher.submit(["slow"], "k", 1)
+        time.sleep(0.2)  # the slow batch is now running in one worker
+        fast = batcher.submit(["fast"], "k", 1)
+        assert fast.result(timeout=10) == ["FAST"]  # answered while the slow one still runs
+        assert not slow.done()
+        release.set()
+        assert slow.result(timeout=10) == ["SLOW"]
+        assert len(started) == 2 and len(set(started)) == 2
+    finally:
+        release.set()
+        batcher.close()
+    with pytest.raises(ValueError, match="workers"):
+        Batcher(run, workers=0)
