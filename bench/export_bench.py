@@ -79,11 +79,10 @@ def child(kind: str, ckpt: str, export_dir: str, src: list[str], threads: int, b
 
         ct = CT2Translator(export_dir, "cpu", threads, "default")
         o = ct.options({"beam": beam, "n_best": 1, "length_penalty": "power", "beta": 0.0})
-        budget = int(ct.decode_defaults.get("batch_tokens", 4096))
-        ct.translate_lines(src[:16], batch_tokens=budget, **o)
+        ct.translate_lines(src[:16], **o)
         ct.target_tokens = 0
         t0 = time.perf_counter()
-        res = ct.translate_lines(src, batch_tokens=budget, **o)
+        res = ct.translate_lines(src, **o)
         seconds = time.perf_counter() - t0
         out = [h[0][0] if h else "" for h in res]
         tokens, extra = ct.target_tokens, {"compute_type": ct.translator.compute_type}

@@ -272,6 +272,7 @@ class CT2Translator:
             "max_len_a": o.max_len_a,
             "max_len_b": o.max_len_b,
             "min_len": o.min_len,
+            "batch_tokens": o.batch_tokens,
         }
 
 
@@ -311,9 +312,7 @@ def run_decode_ct2(
         raise DataError(f"--precision must be one of {', '.join(PRECISION_TO_COMPUTE)}, not {precision!r}")
     ct2_device = "cpu" if device in ("auto", "cpu") else device.split(":")[0]
     translator = CT2Translator(directory, ct2_device, threads, compute, workers or 0)
-    config = translator.config(options)
     opts = translator.options(options)
-    budget = config.batch_tokens
     counts: dict = {}
     from_stdin = input == "-"
     chunks = (
@@ -325,7 +324,7 @@ def run_decode_ct2(
     index = 0
     try:
         for chunk in chunks:
-            hyps = translator.translate_lines(chunk, batch_tokens=budget, **opts)
+            hyps = translator.translate_lines(chunk, **opts)
             rows = [r for i, h in enumerate(hyps) for r in format_rows(h, index + i, opts["n_best"])]
             out.write_lines(rows, flush=from_stdin or output == "-")
             index += len(chunk)
