@@ -86,6 +86,7 @@ class Checkpoint:
     training: Optional[TrainingState] = None
     averaged_from: tuple[str, ...] = ()
     path: Optional[Path] = field(default=None, compare=False)  # where it was read from
+    sha256: str = field(default="", compare=False)  # content hash of weights + tokenizer, as read (checked)
 
     def where(self) -> str:
         return str(self.path) if self.path is not None else "<checkpoint>"
@@ -198,9 +199,10 @@ def _from_state(path: Path, state: dict[str, Any]) -> Checkpoint:
         raise CheckpointError(f"{path}: the model entry is not a dict of tensors")
     if not isinstance(tokenizer, dict):
         raise CheckpointError(f"{path}: no tokenizer stored")
+    digest = content_hash(weights, tokenizer)  # format 1 files have none stored: computed for `sha256`
     if state["format_version"] >= 2:
         stored = state.get("content_sha256")
-        if not isinstance(stored, str) or stored != content_hash(weights, tokenizer):
+        if not isinstance(stored, str) or stored != digest:
             raise CheckpointError(
                 f"{path}: content hash mismatch: the weights or tokenizer were changed "
                 "after the file was written (corrupt or hand-edited); refusing it"
@@ -228,6 +230,7 @@ def _from_state(path: Path, state: dict[str, Any]) -> Checkpoint:
         training,
         tuple(state.get("averaged_from", ())),
         path,
+        digest,
     )
 
 

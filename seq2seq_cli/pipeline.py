@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .atomic import atomic_write
-from .checkpoint import RunDir, content_hash, load_checkpoint
+from .checkpoint import RunDir, load_checkpoint
 from .data import read_split
 from .recipe import Recipe, RecipeError, Split
 from .tokenizer import Tokenizer, train_tokenizer
@@ -163,7 +163,7 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
             [
                 fp_train,
                 recipe.decode.model_dump(mode="json"),
-                content_hash(ckpt.weights, ckpt.tokenizer),
+                ckpt.sha256,
                 ckpt.decode.model_dump(mode="json"),
             ],
             _split_files(d.test)[:1],

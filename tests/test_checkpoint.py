@@ -20,6 +20,7 @@ from seq2seq_cli.checkpoint import (
     Checkpoint,
     CheckpointError,
     average_checkpoints,
+    content_hash,
     load_checkpoint,
     load_model,
     prune_checkpoints,
@@ -62,6 +63,7 @@ def test_round_trip_keeps_weights_and_decodes_the_same(e2e, tmp_path: Path) -> N
     assert _state(copy)["format_version"] == FORMAT_VERSION == 2
     assert again.step == original.step == 120
     assert again.recipe == original.recipe and again.decode == original.decode
+    assert again.sha256 == original.sha256 == content_hash(again.weights, again.tokenizer) and len(again.sha256) == 64
     assert again.training is not None and again.training.position == original.training.position
     a, b = original.weights, again.weights
     assert a.keys() == b.keys() and len(a) > 10
