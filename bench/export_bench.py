@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,26 +29,17 @@ CONFIGS = ("translate-fp32", "translate-bf16", "translate-int8", "ct2-float32", 
 
 
 def cpu_info() -> dict[str, Any]:
-    """CPU model, the ISA flags that matter for fp32/bf16/int8 matmuls, and whether bf16 is native."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [
-        f
-        for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-        if f in flags
-    ]
+    """CPU model, ISA flags and whether bf16 is native, from the package's one probe (precision.py),
+    which also honours an ONEDNN_MAX_CPU_ISA cap."""
+    from seq2seq_cli.precision import cpu_info as probe
+
+    info = probe()
     return {
-        "cpu": model,
+        "cpu": info.model,
         "cores": os.cpu_count(),
-        "isa": isa,
-        "bf16_native": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "isa": list(info.flags),
+        "bf16_native": info.native_bf16,
+        "onednn_max_cpu_isa": info.onednn_isa_cap or None,
     }
 
 
