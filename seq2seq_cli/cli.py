@@ -120,6 +120,38 @@ def tokenizer(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def prepare(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    workers: Annotated[int, typer.Option(min=0, help="encoding processes (0 = all cores)")] = 0,
+    force: Annotated[bool, typer.Option(help="rebuild every corpus even if it is up to date")] = False,
+    progress: Annotated[bool, typer.Option(help="show the live progress bar")] = True,
+) -> None:
+    """Encode the training corpora into binary shards under OUTPUT_DIR/prepared/ (training reads them).
+
+    Streams each corpus once (plain or .gz), applies the recipe's filters (blank pairs, data.max_len,
+    data.max_len_ratio, data.dedup) and encodes it in worker processes. Corpora whose inputs,
+    tokenizer and settings are unchanged are skipped. Trains the tokenizer first when it is missing.
+
+    Example: translate prepare recipes/bible-en-es.yaml --workers 2
+    """
+    _setup_logging()
+    with _user_errors():
+        from .pipeline import run_prepare, run_tokenizer
+
+        r = _load(recipe, set_)
+        from .checkpoint import RunDir
+        from .tokenizer import Tokenizer, TokenizerError
+
+        if r.train.init_from is None:
+            try:
+                Tokenizer.load(RunDir(r.output_dir).tokenizer)
+            except TokenizerError:
+                run_tokenizer(r)
+        typer.echo(json.dumps(run_prepare(r, workers=workers, progress=progress, force=force)))
+
+
+@app.command()
 def train(
     recipe: RecipeArg,
     set_: SetOpt = None,

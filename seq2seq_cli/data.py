@@ -5,22 +5,27 @@ training and decoding time (`clean_line`): a leading BOM, CR line ends, control 
 zero-width characters are removed, tabs become spaces; problems raise `DataError` naming the
 file and the line. Blank pairs are skipped on both sides together and counted.
 
-Batching: pairs are sorted by length into batches of at most `batch_tokens` padded tokens per
-side, then the batch order is shuffled with a seed derived from (seed, epoch), so a resumed run
-rebuilds the same epoch and skips to its position; ranks take disjoint shards.
+Files may be gzip-compressed (name ending in `.gz`). `iter_pairs` streams a split pair by pair
+(constant memory: `translate prepare` and the tokenizer sample read corpora of any size).
 
-This room does not know the model. Public names: DataError, read_lines, read_split, clean_line,
-ParallelText, encode_pairs, EncodedCorpus, mix_replay, make_batches, shard_batches, Batch, collate.
+Batching: pairs are sorted by length (random order among equal lengths) into batches of at most
+`batch_tokens` padded tokens per side, then the batch order is shuffled; both draws are seeded
+by (seed, epoch), so a resumed run rebuilds the same epoch and skips to its position; ranks take
+disjoint shards. It is vectorised with numpy: no Python object per pair, whatever the corpus size.
+
+This room does not know the model. Public names: DataError, read_lines, iter_pairs, read_split,
+clean_line, ParallelText, encode_pairs, EncodedCorpus, make_batches, shard_batches, Batch, collate.
 """
 
 from __future__ import annotations
 
-import random
+import gzip
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +37,10 @@ __all__ = [
     "decode_bytes",
     "read_lines",
     "iter_lines",
+    "iter_pairs",
+    "sample_pairs",
+    "PairCounts",
+    "open_bytes",
     "read_split",
     "clean_line",
     "ParallelText",
@@ -43,7 +52,6 @@ __all__ = [
     "shard_batches",
     "Batch",
     "collate",
-    "mix_replay",
 ]
 
 
@@ -96,9 +104,116 @@ def iter_lines(path: Path, errors: str = "strict", counts: Optional[dict] = None
     """
     _check_path(path)
     counts = {} if counts is None else counts
-    with open(path, "rb") as f:
-        for no, raw in enumerate(f, 1):
+    with open_bytes(path) as f:
+        for no, raw in enumerate(_checked(f, path), 1):
             yield decode_bytes(raw, str(path), no, errors, counts).rstrip("\r\n")
+
+
+def open_bytes(path: Path):
+    """The file opened for binary line reading; transparently gunzipped when the name ends in .gz."""
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def _checked(lines: Iterable[bytes], path: Path) -> Iterator[bytes]:
+    """Lines of a (maybe gzip) file; a damaged gzip stream is a DataError naming the file."""
+    try:
+        yield from lines
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read it as gzip ({exc})") from None
+
+
+@dataclass
+class PairCounts:
+    """What streaming a split saw: pairs read, blank pairs skipped, lines with replaced bytes."""
+
+    read: int = 0
+    blank: int = 0
+    replaced_lines: int = 0
+
+
+def iter_pairs(
+    split: Split, errors: str = "strict", counts: Optional[PairCounts] = None
+) -> Iterator[tuple[int, str, str]]:
+    """Stream (1-based line number, source, target) of a split's non-blank pairs, cleaned.
+
+    Constant memory. Unequal line counts raise DataError when the shorter file ends; a TSV line
+    without exactly one tab raises DataError naming its line. `split.max_lines` is honoured.
+    """
+    counts = PairCounts() if counts is None else counts
+    tally: dict = {}
+    limit = split.max_lines or None
+    if split.tsv is not None:
+        _check_path(split.tsv)
+        pairs: Iterator[tuple[str, str]] = (
+            _tsv_pair(line, split.tsv, no) for no, line in enumerate(iter_lines(split.tsv, errors, tally), 1)
+        )
+    else:
+        assert split.src is not None and split.tgt is not None
+        _check_path(split.src)
+        _check_path(split.tgt)
+        pairs = _zip_strict(
+            iter_lines(split.src, errors, tally), iter_lines(split.tgt, errors, tally), split.src, split.tgt
+        )
+    for no, (s, t) in enumerate(pairs, 1):
+        if limit is not None and no > limit:
+            break
+        counts.read += 1
+        counts.replaced_lines = tally.get("replaced_lines", 0)
+        s, t = clean_line(s), clean_line(t)
+        if not s or not t:
+            counts.blank += 1
+            continue
+        yield no, s, t
+    counts.replaced_lines = tally.get("replaced_lines", 0)
+
+
+def sample_pairs(
+    splits: Sequence[Split], size: int, seed: int, errors: str = "strict"
+) -> tuple[list[str], list[str], PairCounts]:
+    """A uniform sample of at most `size` non-blank pairs of the splits, streamed (reservoir sampling).
+
+    Algorithm R with random.Random(seed): pair i (0-based) replaces a random slot j <= i when j <
+    size. Memory holds `size` pairs whatever the corpus size; with size 0, or a stream of at most
+    `size` pairs, every pair is kept. The sample is returned in stream order.
+    """
+    import random
+
+    rng = random.Random(seed)
+    counts = PairCounts()
+    kept: list[tuple[int, str, str]] = []
+    i = -1
+    for split in splits:
+        for _, s, t in iter_pairs(split, errors, counts):
+            i += 1
+            if not size or len(kept) < size:
+                kept.append((i, s, t))
+            else:
+                j = rng.randint(0, i)
+                if j < size:
+                    kept[j] = (i, s, t)
+    kept.sort(key=lambda x: x[0])
+    return [x[1] for x in kept], [x[2] for x in kept], counts
+
+
+def _tsv_pair(line: str, path: Path, no: int) -> tuple[str, str]:
+    parts = line.split("\t")
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    if not line.strip():
+        return "", ""
+    raise DataError(f"{path}:{no}: expected 'source<TAB>target', found {len(parts) - 1} tabs")
+
+
+def _zip_strict(a: Iterator[str], b: Iterator[str], pa: Path, pb: Path) -> Iterator[tuple[str, str]]:
+    n = 0
+    for n, x in enumerate(a, 1):
+        try:
+            y = next(b)
+        except StopIteration:
+            raise DataError(f"{pb}: has {n - 1} lines but {pa} has more; parallel files must be line-aligned") from None
+        yield x, y
+    if next(b, None) is not None:
+        raise DataError(f"{pb}: has more lines than {pa} ({n}); parallel files must be line-aligned")
 
 
 def read_lines(path: Path, errors: str = "strict", counts: Optional[dict] = None) -> list[str]:
@@ -210,24 +325,6 @@ def encode_pairs(
     return out
 
 
-def mix_replay(main: EncodedCorpus, replay: EncodedCorpus, ratio: float, seed: int) -> tuple[EncodedCorpus, int]:
-    """`main` followed by k pairs sampled from `replay`, so that replayed pairs are `ratio` of the result.
-
-    k = round(n * ratio / (1 - ratio)) for n main pairs (k / (n + k) = ratio), at most len(replay);
-    sampled without replacement with random.Random(seed), kept in the replay corpus's order. Returns
-    (the mixed corpus, k). Batching later shuffles everything together.
-    """
-    k = min(len(replay), round(len(main) * ratio / (1.0 - ratio)))
-    pick = sorted(random.Random(seed).sample(range(len(replay)), k))
-    mixed = EncodedCorpus(
-        main.src + [replay.src[i] for i in pick],
-        main.tgt + [replay.tgt[i] for i in pick],
-        main.dropped_too_long,
-        main.dropped_ratio,
-    )
-    return mixed, k
-
-
 def length_batches(order: Sequence[int], lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Cut indices, taken in `order`, into consecutive batches with rows * max(lengths) <= batch_tokens.
 
@@ -250,20 +347,47 @@ def length_batches(order: Sequence[int], lengths: Sequence[int], batch_tokens: i
 
 
 def make_batches(
-    src_lens: Sequence[int], tgt_lens: Sequence[int], batch_tokens: int, seed: int, epoch: int
-) -> list[list[int]]:
+    src_lens: Sequence[int] | np.ndarray,
+    tgt_lens: Sequence[int] | np.ndarray,
+    batch_tokens: int,
+    seed: int,
+    epoch: int,
+    ids: Optional[np.ndarray] = None,
+) -> list[np.ndarray]:
     """Length-bucketed batches of pair indices, in a shuffled order fixed by (seed, epoch).
 
-    A batch holds n pairs with n * max_len <= batch_tokens on each side (padded tokens),
-    max_len counting the model's view of the target (pieces + BOS/EOS). A pair longer than
-    batch_tokens gets a batch of its own.
+    A pair's padded length is L = max(src_len, tgt_len + 1) (the model sees BOS+y and y+EOS). The
+    pairs `ids` (default: all; an index may repeat) are sorted by L, in a random order among equal
+    L, and cut greedily into batches of n pairs with n * max L <= batch_tokens; a pair longer than
+    batch_tokens gets a batch of its own. Then the batch order is shuffled. Vectorised: with L
+    sorted, the greedy cut inside a run of equal L = v is every k = batch_tokens // v rows, so the
+    loop is over distinct lengths, not pairs.
     """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    jitter = [rng.random() for _ in src_lens]
-    order = sorted(range(len(src_lens)), key=lambda i: (tgt_lens[i], src_lens[i], jitter[i]))
-    batches = length_batches(order, [max(s, t + 1) for s, t in zip(src_lens, tgt_lens)], batch_tokens)
-    rng.shuffle(batches)
-    return batches
+    src = np.asarray(src_lens, dtype=np.int64)
+    tgt = np.asarray(tgt_lens, dtype=np.int64)
+    ids = np.arange(len(src), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return []
+    rng = np.random.default_rng([seed, epoch])
+    length = np.maximum(src[ids], tgt[ids] + 1)
+    perm = rng.permutation(len(ids))
+    order = perm[np.argsort(length[perm], kind="stable")]
+    starts = _greedy_starts(length[order], batch_tokens)
+    batches = np.split(ids[order], starts[1:])
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _greedy_starts(length: np.ndarray, batch_tokens: int) -> np.ndarray:
+    """Start positions of the greedy batches over ascending lengths (see make_batches)."""
+    starts = [0]
+    values, firsts, counts = np.unique(length, return_index=True, return_counts=True)
+    for v, first, count in zip(values.tolist(), firsts.tolist(), counts.tolist()):
+        k = max(1, batch_tokens // v)  # rows of length v that fit one batch
+        end = first + count
+        if first - starts[-1] >= k:  # the open batch cannot take one more row of length v
+            starts.append(first)
+        starts.extend(range(starts[-1] + k, end, k))
+    return np.asarray(starts, dtype=np.int64)
 
 
 def shard_batches(batches: list[list[int]], rank: int, world: int, group: int = 1) -> list[list[int]]:
@@ -305,12 +429,23 @@ def pad_rows(rows: Iterable[Sequence[int]], pad_id: int) -> Tensor:
 
 def collate(corpus: EncodedCorpus, index: Sequence[int], pad_id: int, bos_id: int, eos_id: int) -> Batch:
     """Build the padded Batch for the pairs `index` of corpus."""
-    src = [corpus.src[i] for i in index]
-    tgt = [corpus.tgt[i] for i in index]
-    return Batch(
-        pad_rows(src, pad_id),
-        pad_rows(([bos_id] + t for t in tgt), pad_id),
-        pad_rows((t + [eos_id] for t in tgt), pad_id),
-        sum(map(len, src)),
-        sum(len(t) + 1 for t in tgt),
-    )
+    return collate_rows([corpus.src[i] for i in index], [corpus.tgt[i] for i in index], pad_id, bos_id, eos_id)
+
+
+def collate_rows(
+    src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], pad_id: int, bos_id: int, eos_id: int
+) -> Batch:
+    """The padded Batch of source rows (ending in EOS) and target rows (no BOS/EOS): numpy, no per-token Python."""
+    n, s_max, t_max = len(src), max(map(len, src)), max(map(len, tgt)) + 1
+    src_arr = np.full((n, s_max), pad_id, dtype=np.int64)
+    tgt_in = np.full((n, t_max), pad_id, dtype=np.int64)
+    tgt_out = np.full((n, t_max), pad_id, dtype=np.int64)
+    tgt_in[:, 0] = bos_id
+    n_src = n_tgt = 0
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        src_arr[i, : len(s)] = s
+        tgt_in[i, 1 : len(t) + 1] = t
+        tgt_out[i, : len(t)] = t
+        tgt_out[i, len(t)] = eos_id
+        n_src, n_tgt = n_src + len(s), n_tgt + len(t) + 1
+    return Batch(torch.from_numpy(src_arr), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), n_src, n_tgt)

@@ -1,4 +1,4 @@
-"""`translate run`: tokenizer → train → decode the test set → score, under recipe.output_dir.
+"""`translate run`: tokenizer → prepare → train → decode the test set → score, under recipe.output_dir.
 
 Each stage has a fingerprint: a hash of the recipe sections it reads, the contents of its input
 files and the fingerprint of the stage before it. A stage whose fingerprint matches the one
@@ -7,7 +7,10 @@ marked complete until it finishes, so an interrupted run resumes from its last c
 With `train.init_from` there is no tokenizer stage: the parent's tokenizer is the run's (the
 training stage writes it into OUTPUT_DIR/tokenizer).
 
-Public names: run_tokenizer, run_train, run_decode_test, run_score_test, run_pipeline.
+The prepare stage (`prepare.prepare`) encodes the training corpora into shards once; training
+reads them. `translate train` prepares them itself when they are missing, and refuses stale ones.
+
+Public names: run_tokenizer, run_prepare, run_train, run_decode_test, run_score_test, run_pipeline.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from typing import Any, Callable, Optional
 
 from .atomic import atomic_write
 from .checkpoint import RunDir, load_checkpoint
-from .data import read_split
+from .data import read_split, sample_pairs
+from .prepare import corpus_dir, prepare
 from .recipe import Recipe, RecipeError, Split
-from .tokenizer import Tokenizer, train_tokenizer
+from .shards import ShardError, read_manifest
+from .tokenizer import SEED, Tokenizer, train_tokenizer
 
-__all__ = ["run_tokenizer", "run_train", "run_decode_test", "run_score_test", "run_pipeline"]
+__all__ = ["run_tokenizer", "run_prepare", "run_train", "run_decode_test", "run_score_test", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +49,19 @@ def _split_files(split: Optional[Split]) -> list[Optional[Path]]:
 
 
 def run_tokenizer(recipe: Recipe) -> dict[str, Any]:
-    """Train sentencepiece on the training split; report vocab sizes and pieces per sentence."""
+    """Train sentencepiece on a bounded sample of the training pairs; report vocab sizes and pieces per sentence.
+
+    The sample is `tokenizer.input_sentence_size` pairs drawn uniformly from all training corpora
+    while streaming them (`data.sample_pairs`, seeded): memory does not grow with the corpora.
+    """
     if recipe.train.init_from is not None:
         raise RecipeError("train.init_from is set: the run uses the parent's tokenizer, there is none to train")
-    text = read_split(recipe.data.train, recipe.data.encoding_errors)
+    src, tgt, counts = sample_pairs(
+        recipe.data.training_corpora(), recipe.tokenizer.input_sentence_size, SEED, recipe.data.encoding_errors
+    )
     out = RunDir(recipe.output_dir).tokenizer
-    tok = train_tokenizer(recipe.tokenizer, text.src, text.tgt, out)
-    sample_src, sample_tgt = text.src[:20000], text.tgt[:20000]
+    tok = train_tokenizer(recipe.tokenizer, src, tgt, out)
+    sample_src, sample_tgt = src[:20000], tgt[:20000]
     report = {
         "tokenizer": str(out),
         "joint": tok.joint,
@@ -58,14 +69,25 @@ def run_tokenizer(recipe: Recipe) -> dict[str, Any]:
         "tgt_vocab_size": tok.tgt_vocab_size,
         "src_pieces_per_sentence": round(tok.pieces_per_sentence(sample_src, "src"), 2),
         "tgt_pieces_per_sentence": round(tok.pieces_per_sentence(sample_tgt, "tgt"), 2),
-        "blank_pairs_skipped": text.blank_pairs,
+        "pairs_read": counts.read,
+        "pairs_sampled": len(src),
+        "blank_pairs_skipped": counts.blank,
     }
     log.info("tokenizer: %s", report)
     return report
 
 
+def run_prepare(recipe: Recipe, workers: int = 0, progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Encode the training corpora into shards (those missing or stale; all with force)."""
+    return prepare(recipe, workers=workers, progress=progress, force=force)
+
+
 def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
-    """Train (resuming if possible); trains the tokenizer first when it is missing."""
+    """Train (resuming if possible); trains the tokenizer and prepares the corpora first when they are missing.
+
+    Prepared corpora that exist but are stale are not rebuilt here: training refuses them with a
+    one-line error (`translate prepare` or `translate run` rebuilds them).
+    """
     from . import distributed as dist
     from .train import train
 
@@ -73,6 +95,8 @@ def run_train(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     ctx = dist.init_from_env()  # under torchrun: join the group so rank 0 can train the tokenizer first
     if ctx.rank == 0 and recipe.train.init_from is None and not _tokenizer_ready(run):
         run_tokenizer(recipe)
+    if ctx.world > 1 and ctx.rank == 0 and not _prepared(recipe):  # one process prepares them itself
+        prepare(recipe, progress=progress)
     dist.barrier(ctx)
     result = train(recipe, progress=progress)
     return dict(result.__dict__)
@@ -84,6 +108,18 @@ def _tokenizer_ready(run: RunDir) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _prepared(recipe: Recipe) -> bool:
+    """Whether every training corpus has a manifest (fresh or not: staleness is training's error)."""
+    from .prepare import corpus_specs
+
+    for name, _, _ in corpus_specs(recipe):
+        try:
+            read_manifest(corpus_dir(recipe, name))
+        except ShardError:
+            return False
+    return True
 
 
 def best_checkpoint(recipe: Recipe) -> Path:
@@ -145,10 +181,21 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
     state_file = recipe.output_dir / "stages.json"
     done: dict[str, str] = {} if force or not state_file.exists() else json.loads(state_file.read_text())
     d = recipe.data
-    fp_tok = _digest([recipe.tokenizer.model_dump(mode="json"), d.encoding_errors], _split_files(d.train))
-    fp_train = _digest(
+    train_files = [f for c in d.training_corpora() for f in _split_files(c)]
+    fp_tok = _digest([recipe.tokenizer.model_dump(mode="json"), d.encoding_errors], train_files)
+    fp_prep = _digest(
         [
             fp_tok,
+            d.model_dump(
+                mode="json",
+                include={"train", "corpora", "replay", "max_len", "max_len_ratio", "dedup", "encoding_errors"},
+            ),
+        ],
+        _split_files(d.replay),
+    )
+    fp_train = _digest(
+        [
+            fp_prep,
             recipe.model.model_dump(mode="json"),
             recipe.train.model_dump(mode="json"),
             recipe.seed,
@@ -156,6 +203,10 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
         ],
         _split_files(d.dev) + _split_files(d.replay),
     )
+
+    def fp_prepare() -> str:  # the tokenizer's files count (init_from: the parent's, written by prepare)
+        models = sorted(RunDir(recipe.output_dir).tokenizer.glob("*.model"))
+        return _digest([fp_prep, str(recipe.train.init_from)], list(models))
 
     def fp_dec() -> str:  # after training: the model file's content and stored (tuned) settings count too
         ckpt = load_checkpoint(best_checkpoint(recipe), mmap=True)
@@ -171,6 +222,7 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
 
     stages: list[tuple[str, Callable[[], str], Callable[[], Any]]] = [
         ("tokenizer", lambda: fp_tok, lambda: run_tokenizer(recipe)),
+        ("prepare", fp_prepare, lambda: run_prepare(recipe, progress=progress)),
         ("train", lambda: fp_train, lambda: run_train(recipe, progress)),
     ]
     results: dict[str, Any] = {}

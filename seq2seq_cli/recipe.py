@@ -23,6 +23,7 @@ __all__ = [
     "RecipeError",
     "Split",
     "ReplaySplit",
+    "Corpus",
     "DataConfig",
     "TokenizerConfig",
     "ModelConfig",
@@ -80,10 +81,28 @@ class ReplaySplit(Split):
     )
 
 
+class Corpus(Split):
+    """One of several training corpora (`data.corpora`), with its sampling weight."""
+
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names its prepared shards and its counts"
+    )
+    weight: float = Field(
+        1.0,
+        gt=0.0,
+        description="epoch multiplier: an epoch takes weight x this corpus's pairs (the integer part as "
+        "full passes, the fraction as a fresh sample each epoch, seeded by the recipe seed and epoch)",
+    )
+
+
 class DataConfig(_Strict):
     """Corpus files and the length filter applied to training pairs."""
 
-    train: Split
+    train: Optional[Split] = Field(None, description="the training corpus (or give several as data.corpora)")
+    corpora: list[Corpus] = Field(
+        default_factory=list, description="several training corpora, each with a name and a weight"
+    )
+    dedup: bool = Field(False, description="drop exact duplicate pairs within each training corpus (translate prepare)")
     replay: Optional[ReplaySplit] = Field(None, description="fine-tuning: mix in pairs of the parent's corpus")
     dev: Optional[Split] = None
     test: Optional[Split] = None
@@ -95,6 +114,23 @@ class DataConfig(_Strict):
         "strict", description="'strict': non-UTF-8 bytes are an error; 'replace': replaced by U+FFFD and counted"
     )
 
+    @model_validator(mode="after")
+    def _one_training_set(self) -> "DataConfig":
+        if (self.train is None) == (not self.corpora):
+            raise ValueError("give either 'train' (one corpus) or 'corpora' (a list of named corpora), not both")
+        names = [c.name for c in self.corpora]
+        dup = sorted({n for n in names if names.count(n) > 1} | ({"replay"} & set(names)))
+        if dup:
+            raise ValueError(f"corpus names must be unique and not 'replay': {', '.join(dup)}")
+        return self
+
+    def training_corpora(self) -> list[Corpus]:
+        """The training corpora: `corpora`, or `train` as one corpus named 'train' of weight 1."""
+        if self.corpora:
+            return list(self.corpora)
+        assert self.train is not None
+        return [Corpus(name="train", **self.train.model_dump())]
+
 
 class TokenizerConfig(_Strict):
     """SentencePiece training options."""
@@ -103,7 +139,12 @@ class TokenizerConfig(_Strict):
     joint: bool = Field(True, description="one vocabulary shared by both sides")
     vocab_size: int = Field(8000, ge=16)
     character_coverage: float = Field(1.0, gt=0.0, le=1.0)
-    input_sentence_size: int = Field(0, ge=0, description="sample this many sentences for training (0 = all)")
+    input_sentence_size: int = Field(
+        1_000_000,
+        ge=0,
+        description="train on at most this many pairs, a reproducible uniform sample of the training corpora "
+        "(reservoir sampling while streaming them: memory bounded whatever their size; 0 = all)",
+    )
     user_defined_symbols: list[str] = Field(default_factory=list)
 
 
@@ -376,7 +417,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         )
 
     splits = ("train", "replay", "dev", "test")
-    data = recipe.data.model_copy(update={k: fix_split(getattr(recipe.data, k)) for k in splits})
+    update: dict[str, Any] = {k: fix_split(getattr(recipe.data, k)) for k in splits}
+    update["corpora"] = [fix_split(c) for c in recipe.data.corpora]
+    data = recipe.data.model_copy(update=update)
     train = recipe.train.model_copy(update={"init_from": fix(recipe.train.init_from)})
     return recipe.model_copy(update={"data": data, "train": train, "output_dir": fix(recipe.output_dir)})
 
@@ -408,8 +451,9 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
 def check_data_files(recipe: Recipe) -> None:
     """Raise one RecipeError listing every data file that is missing or not a regular file."""
     problems = []
-    for name in ("train", "replay", "dev", "test"):
-        split = getattr(recipe.data, name)
+    named = [(name, getattr(recipe.data, name)) for name in ("train", "replay", "dev", "test")]
+    named[1:1] = [(f"corpora[{i}]", c) for i, c in enumerate(recipe.data.corpora)]
+    for name, split in named:
         if split is None:
             continue
         for key in ("src", "tgt", "tsv"):

@@ -54,19 +54,21 @@ from .data import (
     EncodedCorpus,
     ParallelText,
     collate,
+    collate_rows,
     encode_pairs,
     make_batches,
-    mix_replay,
     read_split,
     shard_batches,
 )
 from .loss import label_smoothed_nll, output_layer_loss
 from .model import Seq2SeqTransformer, build_model
 from .precision import resolve_precision
+from .prepare import open_training_set
 from .recipe import Recipe, RecipeError
 from .schedule import make_scheduler
 from .score import dev_scores
 from .search import translate_ids
+from .shards import TrainingSet
 from .tokenizer import Tokenizer
 
 __all__ = ["train", "TrainResult", "TrainingInterrupted", "finetune_recipe", "freeze"]
@@ -110,66 +112,63 @@ class _Position:
 
 @dataclass
 class Corpora:
-    """The encoded training pairs (with their lengths) and the dev set, if any."""
+    """The prepared training corpora (memory-mapped shards, see `prepare`) and the dev set, if any."""
 
-    train: EncodedCorpus
-    src_lens: list[int]
-    tgt_lens: list[int]
+    train: TrainingSet
+    report: dict[str, Any]
     dev_text: Optional[ParallelText] = None
     dev: Optional[EncodedCorpus] = None
     coverage: Optional[dict[str, float]] = None
     replay: Optional[dict[str, float]] = None
 
 
-def coverage_report(tok: Tokenizer, text: ParallelText) -> dict[str, float]:
-    """The tokenizer's unknown-piece rate and pieces per sentence on each side of `text`."""
+def coverage_report(counts: dict[str, dict[str, int]], sentences: int) -> dict[str, float]:
+    """Unknown-piece rate (UNK pieces / all pieces) and pieces per sentence on each side, from prepare's counts."""
     out: dict[str, float] = {}
-    for side, lines in (("src", text.src), ("tgt", text.tgt)):
-        unk, pieces = tok.coverage(lines, side)  # type: ignore[arg-type]
-        out[f"{side}_unk_rate"], out[f"{side}_pieces_per_sentence"] = round(unk, 6), round(pieces, 2)
+    for side in ("src", "tgt"):
+        pieces, unk = counts[side]["pieces"], counts[side]["unk"]
+        out[f"{side}_unk_rate"] = round(unk / max(1, pieces), 6)
+        out[f"{side}_pieces_per_sentence"] = round(pieces / max(1, sentences), 2)
     return out
 
 
-def load_corpora(recipe: Recipe, tok: Tokenizer, report: bool) -> Corpora:
-    """Read, encode and filter the training split (+ replayed pairs); read the dev split (long lines truncated)."""
+def load_corpora(recipe: Recipe, tok: Tokenizer, report: bool, prepare_missing: bool = True) -> Corpora:
+    """Open the prepared training corpora (checked fresh and whole; prepared first if they never
+    were and prepare_missing); read the dev split (long lines truncated)."""
     d = recipe.data
-    text = read_split(d.train, d.encoding_errors)
-    train = encode_pairs(text, tok, d.max_len, d.max_len_ratio)
-    if len(train) == 0:
-        raise DataError(f"{d.train.src or d.train.tsv}: no training pair is shorter than data.max_len={d.max_len}")
+    train, info = open_training_set(recipe, tok, prepare_missing=prepare_missing)
     if report:
-        log.info(
-            "train: %d pairs kept, %d blank skipped, %d longer than %d dropped, %d dropped by ratio",
-            len(train),
-            text.blank_pairs,
-            train.dropped_too_long,
-            d.max_len,
-            train.dropped_ratio,
-        )
-    coverage = coverage_report(tok, text) if recipe.train.init_from is not None else None
-    if coverage is not None and report:
-        log.info("parent tokenizer on the new training text: %s", coverage)
-    replay = None
-    if d.replay is not None:
-        pool = encode_pairs(read_split(d.replay, d.encoding_errors), tok, d.max_len, d.max_len_ratio)
-        n_main = len(train)
-        train, k = mix_replay(train, pool, d.replay.ratio, recipe.seed)
-        replay = {
-            "in_domain_pairs": n_main,
-            "replay_pairs": k,
-            "replay_pool": len(pool),
-            "replay_fraction": round(k / len(train), 4),
-        }
-        if report:
+        for name, c in info["counts"].items():
             log.info(
-                "replay: %d of %d pairs of %s mixed into %d in-domain pairs (%.1f%% of training pairs)",
-                k,
-                len(pool),
-                d.replay.src or d.replay.tsv,
-                n_main,
-                100 * replay["replay_fraction"],
+                "corpus %s: %d pairs kept of %d, %d blank skipped, %d longer than %d dropped, %d dropped by ratio, "
+                "%d duplicates; %d per epoch",
+                name,
+                c["kept"],
+                c["read"],
+                c["blank"],
+                c["too_long"],
+                d.max_len,
+                c["ratio"],
+                c["duplicates"],
+                info["corpora"][name]["per_epoch"],
             )
-    corpora = Corpora(train, [len(s) for s in train.src], [len(t) for t in train.tgt], coverage=coverage, replay=replay)
+    coverage = None
+    if recipe.train.init_from is not None:
+        first = next(iter(info["counts"].values()))
+        coverage = coverage_report(info["coverage_counts"], first["sentences"])
+        if report:
+            log.info("parent tokenizer on the new training text: %s", coverage)
+    replay = info.get("replay")
+    if replay is not None and report:
+        log.info(
+            "replay: %d of %d pairs of %s mixed into %d in-domain pairs per epoch (%.1f%% of training pairs)",
+            replay["replay_pairs"],
+            replay["replay_pool"],
+            d.replay.src or d.replay.tsv,  # type: ignore[union-attr]
+            replay["in_domain_pairs"],
+            100 * replay["replay_fraction"],
+        )
+    corpora = Corpora(train, info, coverage=coverage, replay=replay)
     if d.dev is not None:
         corpora.dev_text = read_split(d.dev, d.encoding_errors)
         corpora.dev = encode_pairs(corpora.dev_text, tok, recipe.model.max_positions, filter_long=False, truncate=True)
@@ -346,7 +345,7 @@ class Trainer:
                 self.tok.save(self.run_dir.tokenizer)
         else:
             self.tok = Tokenizer.load(self.run_dir.tokenizer)
-        self.data = load_corpora(recipe, self.tok, self.main)
+        self.data = load_corpora(recipe, self.tok, self.main, prepare_missing=self.ctx.world == 1)
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)
         self.model: Seq2SeqTransformer = build_model(
@@ -391,12 +390,14 @@ class Trainer:
         if self.ctx.world == 1:
             _interruptible_backward(self.model)
         self.saved_step = self.pos.step if self.run_dir.last.exists() else -1
-        if parent is not None or (self.data.replay is not None and not self.run_dir.last.exists()):
+        if self.main and (parent is not None or not self.run_dir.last.exists()):
             self.run_dir.root.mkdir(parents=True, exist_ok=True)
             self.log_record(
                 {
                     "type": "data",
                     "step": 0,
+                    "corpora": self.data.report["corpora"],
+                    "counts": self.data.report["counts"],
                     "init_from": None if parent is None else str(parent.where()),
                     "coverage": self.data.coverage,
                     "replay": self.data.replay,
@@ -457,7 +458,7 @@ class Trainer:
     def _gradients(self, group: list[list[int]]) -> tuple[float, float, int, int]:
         """Forward and backward over the micro-batches; gradients accumulate in the parameters."""
         tok = self.tok
-        micro = [collate(self.data.train, idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group]
+        micro = [collate_rows(*self.data.train.rows(idx), tok.pad_id, tok.bos_id, tok.eos_id) for idx in group]
         local_tgt = sum(b.n_tgt for b in micro)
         total_tgt = dist.all_reduce_sum(local_tgt, self.ctx, self.device)
         scale = self.ctx.world / total_tgt  # DDP averages gradients over ranks: undo it, divide by all tokens
@@ -566,9 +567,9 @@ class Trainer:
         return self._finish(reason)
 
     def _epoch_groups(self) -> list[list[list[int]]]:
-        batches = make_batches(
-            self.data.src_lens, self.data.tgt_lens, self.cfg.batch_tokens, self.recipe.seed, self.pos.epoch
-        )
+        train, seed, epoch = self.data.train, self.recipe.seed, self.pos.epoch
+        ids = train.epoch_ids(seed, epoch)
+        batches = make_batches(train.src_lens, train.tgt_lens, self.cfg.batch_tokens, seed, epoch, ids)
         acc, world = self.cfg.accum_steps, self.ctx.world
         mine = shard_batches(batches, self.ctx.rank, world, acc)
         if not mine:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from seq2seq_cli.data import (
     clean_line,
     collate,
     encode_pairs,
+    length_batches,
     make_batches,
     read_lines,
     read_split,
@@ -218,7 +220,7 @@ def test_make_batches_cover_and_respect_budget(batch_tokens: int) -> None:
     src, tgt = random_lengths(500, 1)
     src[7], tgt[7] = 200, 3  # longer than any budget on the source side
     tgt[9] = 400  # and on the target side
-    batches = make_batches(src, tgt, batch_tokens, seed=3, epoch=0)
+    batches = [b.tolist() for b in make_batches(src, tgt, batch_tokens, seed=3, epoch=0)]
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(500))
     for b in batches:
@@ -233,20 +235,54 @@ def test_make_batches_cover_and_respect_budget(batch_tokens: int) -> None:
 
 def test_make_batches_deterministic_and_epoch_dependent() -> None:
     src, tgt = random_lengths(400, 2)
-    a = make_batches(src, tgt, 128, seed=5, epoch=3)
-    assert a == make_batches(src, tgt, 128, seed=5, epoch=3)
-    b = make_batches(src, tgt, 128, seed=5, epoch=4)
-    c = make_batches(src, tgt, 128, seed=6, epoch=3)
+    def mb(seed: int, epoch: int) -> list[list[int]]:
+        return [x.tolist() for x in make_batches(src, tgt, 128, seed=seed, epoch=epoch)]
+
+    a = mb(5, 3)
+    assert a == mb(5, 3)
+    b, c = mb(5, 4), mb(6, 3)
     assert a != b and a != c
     assert sorted(i for x in b for i in x) == list(range(400))
 
 
 def test_make_batches_are_length_bucketed() -> None:
     src, tgt = random_lengths(300, 4)
+    padded = [max(s, t + 1) for s, t in zip(src, tgt)]
     batches = make_batches(src, tgt, 200, seed=1, epoch=0)
-    # sorted by target length: the target lengths of different batches do not interleave
-    spans = sorted((min(tgt[i] for i in b), max(tgt[i] for i in b)) for b in batches)
+    # sorted by padded length: the lengths of different batches do not interleave
+    spans = sorted((min(padded[i] for i in b), max(padded[i] for i in b)) for b in batches)
     assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
+
+
+def reference_batches(src: list[int], tgt: list[int], ids: list[int], batch_tokens: int, order: list[int]) -> list:
+    """The greedy rule written out pair by pair (data.length_batches) over the same sorted order."""
+    padded = [max(s, t + 1) for s, t in zip(src, tgt)]
+    return length_batches([ids[k] for k in order], padded, batch_tokens)
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=80),
+    st.integers(1, 120),
+    st.integers(0, 3),
+)
+@settings(max_examples=80, deadline=None)
+def test_vectorised_cut_equals_the_pair_by_pair_greedy_rule(pairs, batch_tokens, epoch) -> None:
+    src, tgt = [p[0] for p in pairs], [p[1] for p in pairs]
+    got = sorted(b.tolist() for b in make_batches(src, tgt, batch_tokens, seed=2, epoch=epoch))
+    # the same sorted order as make_batches draws (length, then the seeded permutation)
+    rng = np.random.default_rng([2, epoch])
+    ids = list(range(len(pairs)))
+    length = np.maximum(np.array(src), np.array(tgt) + 1)
+    perm = rng.permutation(len(ids))
+    order = perm[np.argsort(length[perm], kind="stable")].tolist()
+    assert got == sorted(reference_batches(src, tgt, ids, batch_tokens, order))
+
+
+def test_make_batches_take_repeated_ids() -> None:
+    src, tgt = random_lengths(50, 5)
+    ids = np.concatenate([np.arange(50), np.arange(10)])  # the first ten twice (a weight above 1)
+    flat = sorted(i for b in make_batches(src, tgt, 64, seed=1, epoch=0, ids=ids) for i in b.tolist())
+    assert flat == sorted(list(range(50)) + list(range(10)))
 
 
 @given(
@@ -257,7 +293,7 @@ def test_make_batches_are_length_bucketed() -> None:
 @settings(max_examples=60, deadline=None)
 def test_make_batches_property(pairs, batch_tokens, epoch) -> None:
     src, tgt = [p[0] for p in pairs], [p[1] for p in pairs]
-    batches = make_batches(src, tgt, batch_tokens, seed=0, epoch=epoch)
+    batches = [b.tolist() for b in make_batches(src, tgt, batch_tokens, seed=0, epoch=epoch)]
     assert sorted(i for b in batches for i in b) == list(range(len(pairs)))
     for b in batches:
         assert len(b) == 1 or len(b) * max(max(src[i], tgt[i] + 1) for i in b) <= batch_tokens

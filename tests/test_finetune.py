@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from seq2seq_cli.checkpoint import load_checkpoint
 from seq2seq_cli.cli import app
-from seq2seq_cli.data import EncodedCorpus, mix_replay
 from seq2seq_cli.pipeline import run_pipeline, run_train
+from seq2seq_cli.prepare import prepare
 from seq2seq_cli.recipe import RecipeError, check_data_files, load_recipe, recipe_from_dict
 from seq2seq_cli.tokenizer import Tokenizer
 from seq2seq_cli.train import Trainer, load_corpora
@@ -214,20 +214,6 @@ def test_freezing_everything_is_a_recipe_error(e2e, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ replay
 
 
-def test_mix_replay_counts_and_is_reproducible() -> None:
-    main = EncodedCorpus([[i] for i in range(40)], [[i] for i in range(40)])
-    pool = EncodedCorpus([[1000 + i] for i in range(100)], [[2000 + i] for i in range(100)])
-    mixed, k = mix_replay(main, pool, 0.2, seed=1)
-    assert k == 10 and len(mixed) == 50 and mixed.src[:40] == main.src  # 10 / 50 = 20%
-    picked = [s[0] - 1000 for s in mixed.src[40:]]
-    assert picked == sorted(set(picked)) and all(0 <= i < 100 for i in picked)
-    assert [t[0] - 2000 for t in mixed.tgt[40:]] == picked  # pairs stay pairs
-    assert mix_replay(main, pool, 0.2, seed=1)[0].src == mixed.src
-    assert mix_replay(main, pool, 0.2, seed=2)[0].src != mixed.src
-    small = EncodedCorpus([[7]] * 5, [[7]] * 5)
-    assert mix_replay(main, small, 0.5, seed=1)[1] == 5  # the pool caps it
-
-
 def test_replay_is_counted_and_logged(e2e, tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -259,25 +245,21 @@ def test_replay_is_counted_and_logged(e2e, tmp_path: Path) -> None:
     )
     recipe = e2e.load(tmp_path / "ft", train__init_from=e2e.last, **extra)
     tok = Tokenizer.from_state(dict(load_checkpoint(e2e.last).tokenizer))
+    prepare(recipe, workers=1, progress=False, tok=tok)
     corpora = load_corpora(recipe, tok, report=False)
     assert corpora.replay == {"in_domain_pairs": 600, "replay_pairs": 150, "replay_pool": 200, "replay_fraction": 0.2}
-    assert len(corpora.train) == 750
-    assert [tok.decode_src(s[:-1]) for s in corpora.train.src[600:]] == [
-        src[i % 20] for i in sorted(_picks(200, 150, recipe.seed))
-    ]
+    assert len(corpora.train) == 800  # 600 in-domain pairs + the pool of 200
+    epochs = [corpora.train.epoch_ids(recipe.seed, e) for e in (0, 1)]
+    for ids in epochs:  # each epoch: all 600 in-domain pairs once, 150 distinct replayed pairs
+        assert len(ids) == 750 and sorted(ids[:600].tolist()) == list(range(600))
+        assert len(set(ids[600:].tolist())) == 150 and ids[600:].min() >= 600
+        src_rows, _ = corpora.train.rows(ids[600:605])
+        assert [tok.decode_src(r[:-1]) for r in src_rows] == [src[(i - 600) % 20] for i in ids[600:605].tolist()]
+    assert epochs[0][600:].tolist() != epochs[1][600:].tolist()  # a fresh sample each epoch
     result = _finetune(e2e, tmp_path / "ft", e2e.last, **extra)
     assert result["replay"] == corpora.replay
     [record] = _records(tmp_path / "ft", "data")
     assert record["replay"] == corpora.replay
-
-
-def _picks(n: int, k: int, seed: int) -> list[int]:
-    import random
-
-    return random.Random(seed).sample(range(n), k)
-
-
-# ------------------------------------------------------------------------------ budgets
 
 
 def test_all_zero_budgets_are_a_recipe_error(tmp_path: Path) -> None:
