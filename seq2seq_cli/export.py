@@ -41,8 +41,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .checkpoint import load_checkpoint, load_model
-from .ct2_backend import EXPORT_FORMAT, EXPORT_INFO, CT2Translator, import_ctranslate2
-from .data import read_lines
+from .ct2_backend import EXPORT_FORMAT, EXPORT_INFO, CT2Translator, import_ctranslate2, max_decode_len
+from .data import clean_line, read_lines
 from .model import Seq2SeqTransformer
 from .recipe import UserError
 from .score import corpus_scores
@@ -242,9 +242,19 @@ def parity(
         t2 = time.perf_counter()
         text_a = [ours.tokenizer.decode_tgt(x) for x in a]
         text_b = [theirs.tokenizer.decode_tgt(x) for x in b]
+        mismatched = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        # where every beam hits max_len the two rank them differently (ours counts the forced EOS)
+        limits = [
+            max_decode_len(
+                len(theirs._src_pieces(clean_line(x))), common["max_len_a"], common["max_len_b"], theirs.max_positions
+            )
+            for x in lines
+        ]
+        at_limit = [i for i in mismatched if max(len(a[i]), len(b[i])) >= limits[i]]
         out[name] = {
-            "exact": sum(x == y for x, y in zip(a, b)) / max(1, len(a)),
-            "mismatched_lines": [i + 1 for i, (x, y) in enumerate(zip(a, b)) if x != y][:20],
+            "exact": 1 - len(mismatched) / max(1, len(a)),
+            "mismatched_lines": [i + 1 for i in mismatched][:20],
+            "mismatched_at_length_limit": [i + 1 for i in at_limit][:20],
             "bleu_translate": _bleu(text_a, list(refs)) if refs else None,
             "bleu_ctranslate2": _bleu(text_b, list(refs)) if refs else None,
             "bleu_ctranslate2_vs_translate": _bleu(text_b, text_a),

@@ -176,7 +176,7 @@ def run_score_test(recipe: Recipe) -> dict[str, Any]:
 
 
 def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the four stages, skipping those whose inputs are unchanged since they completed."""
+    """Run the five stages, skipping those whose inputs are unchanged since they completed."""
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     state_file = recipe.output_dir / "stages.json"
     done: dict[str, str] = {} if force or not state_file.exists() else json.loads(state_file.read_text())

@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 # ---------------------------------------------------------------- end-to-end fixtures (e2e_*)
 # Used by test_checkpoint.py, test_train.py, test_cli.py and test_translate.py: one small recipe
-# derived from recipes/tiny.yaml, trained once per session with `translate run` (all four stages).
+# derived from recipes/tiny.yaml, trained once per session with `translate run` (all five stages).
 
 import shutil  # noqa: E402
 import sys  # noqa: E402

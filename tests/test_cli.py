@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from seq2seq_cli.cli import app
 
-COMMANDS = ["tokenizer", "train", "decode", "score", "run", "recipe", "average"]
+COMMANDS = ["tokenizer", "prepare", "train", "decode", "score", "run", "recipe", "average"]
 runner = CliRunner()
 
 
@@ -112,10 +112,10 @@ def test_missing_recipe_file_exits_2(e2e, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ translate run
 
 
-def test_run_completes_all_four_stages_and_prints_bleu_with_signature(e2e) -> None:
+def test_run_completes_all_five_stages_and_prints_bleu_with_signature(e2e) -> None:
     assert e2e.run_exit_code == 0
     result = json.loads(e2e.run_stdout)
-    assert list(result) == ["tokenizer", "train", "decode", "score"]
+    assert list(result) == ["tokenizer", "prepare", "train", "decode", "score"]
     assert all(isinstance(v, dict) for v in result.values()), result
     assert result["train"]["step"] == 120
     assert result["decode"]["lines"] == 20
@@ -137,7 +137,7 @@ def test_second_run_skips_every_stage(e2e) -> None:
     out = json.loads(result.stdout)
     assert out["tokenizer"] == out["train"] == out["decode"] == "skipped"
     assert out["score"] == json.loads(e2e.run_stdout)["score"]  # reported from the stored scores
-    assert len(re.findall(r"stage (\w+): inputs unchanged, skipped", result.stderr)) == 4
+    assert len(re.findall(r"stage (\w+): inputs unchanged, skipped", result.stderr)) == 5
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
@@ -157,7 +157,7 @@ def test_changing_decode_beam_reruns_only_decode_and_score(e2e, tmp_path: Path) 
     assert (copy / "test.hyp").stat().st_mtime_ns != before
     assert (copy / "checkpoints" / "last.pt").stat().st_mtime_ns == ckpt_mtime
     again = runner.invoke(app, ["run", str(e2e.recipe), *e2e.set_args(copy), "--set", "decode.beam=1", "--no-progress"])
-    assert set(json.loads(again.stdout)) == {"tokenizer", "train", "decode", "score"}
+    assert set(json.loads(again.stdout)) == {"tokenizer", "prepare", "train", "decode", "score"}
     assert json.loads(again.stdout)["decode"] == "skipped"
 
 

@@ -235,6 +235,7 @@ def test_make_batches_cover_and_respect_budget(batch_tokens: int) -> None:
 
 def test_make_batches_deterministic_and_epoch_dependent() -> None:
     src, tgt = random_lengths(400, 2)
+
     def mb(seed: int, epoch: int) -> list[list[int]]:
         return [x.tolist() for x in make_batches(src, tgt, 128, seed=seed, epoch=epoch)]
 

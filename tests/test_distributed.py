@@ -255,13 +255,18 @@ def test_only_rank0_writes_files(two_proc) -> None:
         "checkpoints/last.pt",
         f"checkpoints/step-{K}.pt",
         "metrics.jsonl",
+        "prepared/train/lengths.npy",
+        "prepared/train/manifest.json",
+        "prepared/train/src.bin",
+        "prepared/train/tgt.bin",
         "tokenizer/spm.model",
         "tokenizer/spm.vocab",
     ]
     records = _metrics(d)
     assert _train_steps(d) == list(range(1, K + 1)), "one train record per step, written once"
     assert [r["step"] for r in records if r["type"] == "valid"] == [K]
-    assert len(records) == K + 1
+    assert [r["type"] for r in records].count("data") == 1  # the corpora's counts, once
+    assert len(records) == K + 2
 
 
 def test_nproc_prints_the_result_json_once(two_proc) -> None:

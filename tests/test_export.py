@@ -60,9 +60,13 @@ def test_export_passes_parity_check_and_is_self_contained(e2e, exported) -> None
     parity = report["parity"]
     assert parity["sample"] == e2e.data["data.dev.src"] and parity["lines"] == 20
     for search in ("greedy", "beam5"):
-        assert parity["float32"][search]["exact"] == 1.0, parity
-        assert parity["float32"][search]["bleu_delta"] == 0.0
-        assert parity["float32"][search]["bleu_ctranslate2_vs_translate"] == 100.0
+        result = parity["float32"][search]
+        # token-exact, except where every beam ran into max_len: there the two rank the cut-off
+        # hypotheses differently (ours counts the forced EOS; see ct2_backend.py)
+        assert result["mismatched_lines"] == result["mismatched_at_length_limit"], parity
+        assert result["exact"] >= 0.9, parity
+        if result["exact"] == 1.0:
+            assert result["bleu_delta"] == 0.0 and result["bleu_ctranslate2_vs_translate"] == 100.0
     names = {p.name for p in out.iterdir()}
     assert {"model.bin", "config.json", "spm.model", EXPORT_INFO} <= names
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
