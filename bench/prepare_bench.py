@@ -8,9 +8,9 @@ a varied suffix on both sides (" (copy k)" / " (copia k)"), so every line is dis
 written under --out (never into the repository) and reused when present. One tokenizer (the default
 recipe's: joint unigram, 8,000 pieces) is trained once on the Bible and given to every run.
 
-Measured, each in a child process, wall time and peak RSS of the process tree (the sum of the RSS of
-the process and its children, sampled every 50 ms; shared pages of forked workers count once per
-process, so it is an upper bound):
+Measured, each in a child process, wall time and peak memory of the process tree: the sum of the
+proportional set sizes (PSS, /proc/PID/smaps_rollup; pages shared by forked workers are divided
+among them) of the process and its descendants, sampled every 50 ms (`peak_rss_mib` in the output):
 - `translate prepare` with each --workers value (pairs read per second);
 - fairseq (peer): its usual pipeline on the same pairs and dictionary: sentencepiece encoding into
   pieces (sentencepiece's Python encoder, as many threads as workers), then `fairseq-preprocess
@@ -41,13 +41,14 @@ RECIPE = REPO / "recipes" / "bible-en-es.yaml"
 
 
 def tree_rss_kib(pid: int) -> int:
-    """RSS of a process and all its descendants (KiB)."""
+    """Proportional set size (PSS: shared pages divided among the processes sharing them) of a
+    process and all its descendants (KiB): the memory the tree really holds, forked workers included."""
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
         try:
-            with open(f"/proc/{p}/status", encoding="ascii") as f:
-                total += next((int(x.split()[1]) for x in f if x.startswith("VmRSS")), 0)
+            with open(f"/proc/{p}/smaps_rollup", encoding="ascii") as f:
+                total += next((int(x.split()[1]) for x in f if x.startswith("Pss:")), 0)
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
                     stack.extend(int(c) for c in f.read().split())
