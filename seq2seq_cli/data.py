@@ -363,8 +363,8 @@ def make_batches(
     sorted, the greedy cut inside a run of equal L = v is every k = batch_tokens // v rows, so the
     loop is over distinct lengths, not pairs.
     """
-    src = np.asarray(src_lens, dtype=np.int64)
-    tgt = np.asarray(tgt_lens, dtype=np.int64)
+    src = np.asarray(src_lens, dtype=np.int32)
+    tgt = np.asarray(tgt_lens, dtype=np.int32)
     ids = np.arange(len(src), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         return []

@@ -12,7 +12,7 @@ reduced to what training needs:
 
 A directory is written under a temporary name and renamed into place when complete, so a
 crash never leaves a half-written corpus that looks finished. Reading keeps only the lengths
-and the row offsets in memory (12 bytes per pair and side); rows are read with `os.pread`, so
+and the row offsets in memory (6 to 10 bytes per pair and side); rows are read with `os.pread`, so
 neither the resident memory nor the start-up time grows with the corpus (the page cache does
 the caching). Every file's size and sha256 are checked when a corpus is opened.
 
@@ -226,8 +226,9 @@ class PreparedCorpus:
         self.dtype = np.dtype(manifest["dtype"])
         self._offsets = {}
         for side, lens in (("src", self.src_lens), ("tgt", self.tgt_lens)):
-            off = np.zeros(len(lens) + 1, dtype=np.int64)
-            np.cumsum(lens, out=off[1:])
+            total = int(lens.sum(dtype=np.int64))
+            off = np.zeros(len(lens) + 1, dtype=np.uint32 if total < 1 << 32 else np.int64)  # 4 bytes a row if it fits
+            np.cumsum(lens, out=off[1:], dtype=off.dtype)
             if off[-1] * self.dtype.itemsize != files[f"{side}.bin"]["size"]:
                 raise ShardError(f"{directory / f'{side}.bin'}: does not match lengths.npy; prepare it again")
             self._offsets[side] = off
