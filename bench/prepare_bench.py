@@ -1,7 +1,7 @@
 """Corpora of millions of pairs: `translate prepare` beside `fairseq-preprocess`, and training start-up.
 
     python bench/prepare_bench.py --sizes 1000000,5000000 --workers 1,2 --out /tmp/prepbench \
-        [--fairseq ~/.cache/nmt-peers/venv-fairseq] [--startup-sizes 0,1000000,5000000]
+        [--fairseq ~/.cache/nmt-peers/venv-fairseq --fairseq-sizes 1000000] [--startup-sizes 0,1000000,5000000]
 
 Big corpora are made from the embedded Bible (26,260 pairs) by repeating it in a shuffled order with
 a varied suffix on both sides (" (copy k)" / " (copia k)"), so every line is distinct; they are
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--startup-sizes", default="0,1000000,5000000")
     ap.add_argument("--out", type=Path, default=Path("/tmp/prepare-bench"))
     ap.add_argument("--fairseq", type=Path, default=Path.home() / ".cache/nmt-peers/venv-fairseq")
+    ap.add_argument("--fairseq-sizes", default="1000000", help="sizes at which the peer runs too")
     ap.add_argument("--train-steps", type=int, default=10)
     args = ap.parse_args()
     from seq2seq_cli.bench import machine
@@ -167,7 +168,8 @@ def main() -> None:
             }
             results.append(row)
             print(json.dumps(row), flush=True)
-        if args.fairseq and (args.fairseq / "bin" / "fairseq-preprocess").exists():
+        peer_sizes = {int(x) for x in args.fairseq_sizes.split(",") if x}
+        if n in peer_sizes and (args.fairseq / "bin" / "fairseq-preprocess").exists():
             for w in [int(x) for x in args.workers.split(",")]:
                 results.extend(_fairseq(args, tok, n, src, tgt, w))
     for n in [int(x) for x in args.startup_sizes.split(",") if x]:

@@ -72,6 +72,29 @@ def test_resumed_run_equals_uninterrupted_run(e2e, tmp_path: Path) -> None:
         assert any(not torch.equal(first_w[k], pa[k]) for k in pa if pa[k].is_floating_point())
 
 
+def test_resume_is_exact_with_weighted_corpora(e2e, tmp_path: Path) -> None:
+    """Two prepared corpora, one with a fractional weight (a fresh sample each epoch): resuming across
+    epoch boundaries gives the same losses and weights as one straight run."""
+    d = e2e.data
+    corpora = json.dumps(
+        [
+            {"name": "a", "src": d["data.train.src"], "tgt": d["data.train.tgt"], "max_lines": 150, "weight": 1.5},
+            {"name": "b", "src": d["data.dev.src"], "tgt": d["data.dev.tgt"], "weight": 2},
+        ]
+    )
+    common = dict(train__valid_every=1000, train__log_every=1, data__train=None, data__corpora=corpora)
+    n, m = 4, 6
+    _train(e2e, tmp_path / "a", train__max_steps=n, **common)
+    resumed = _train(e2e, tmp_path / "a", train__max_steps=n + m, **common)
+    straight = _train(e2e, tmp_path / "b", train__max_steps=n + m, **common)
+    assert resumed["epoch"] == straight["epoch"] >= 2, "the runs should cross epoch boundaries"
+    losses = [[r["loss"] for r in _records(tmp_path / x, "train")] for x in "ab"]
+    assert len(losses[0]) == n + m and losses[0] == pytest.approx(losses[1], rel=0, abs=1e-6)
+    pa, pb = _params(tmp_path / "a" / "checkpoints" / "last.pt"), _params(tmp_path / "b" / "checkpoints" / "last.pt")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_budget_schedule_resumes_exactly(e2e, tmp_path: Path, monkeypatch) -> None:
     """schedule: budget on a step budget: a run stopped after n updates and resumed equals one run
     straight through (the lr depends on the fraction of the budget spent, restored with the step)."""
