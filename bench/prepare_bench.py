@@ -16,6 +16,7 @@ among them) of the process and its descendants, sampled every 50 ms (`peak_rss_m
   pieces (sentencepiece's Python encoder, as many threads as workers), then `fairseq-preprocess
   --joined-dictionary --srcdict` with the same number of workers; its pairs/s are reported for
   fairseq-preprocess alone and for both steps together;
+- `translate tokenizer` with a bounded sample (--tokenizer-sample pairs): time and peak memory;
 - training start-up: `translate train` on the prepared corpus (default recipe shape, 10 updates):
   seconds from the start of the process to the first update's log line, and peak RSS;
   size 0 = the embedded 26k-pair corpus.
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--fairseq", type=Path, default=Path.home() / ".cache/nmt-peers/venv-fairseq")
     ap.add_argument("--fairseq-sizes", default="1000000", help="sizes at which the peer runs too")
     ap.add_argument("--train-steps", type=int, default=10)
+    ap.add_argument("--tokenizer-sizes", default="0,1000000,5000000", help="translate tokenizer at these sizes")
+    ap.add_argument("--tokenizer-sample", type=int, default=100_000, help="tokenizer.input_sentence_size (pairs)")
     args = ap.parse_args()
     from seq2seq_cli.bench import machine
     from seq2seq_cli.recipe import TokenizerConfig
@@ -148,7 +151,8 @@ def main() -> None:
         return d
 
     corpora = {0: (BIBLE / "train.en", BIBLE / "train.es")}
-    for n in sorted({int(x) for x in args.sizes.split(",") + args.startup_sizes.split(",") if x}):
+    wanted = args.sizes.split(",") + args.startup_sizes.split(",") + args.tokenizer_sizes.split(",")
+    for n in sorted({int(x) for x in wanted if x}):
         if n:
             corpora[n] = make_corpus(args.out, n)
     for n in [int(x) for x in args.sizes.split(",") if x]:
@@ -172,6 +176,17 @@ def main() -> None:
         if n in peer_sizes and (args.fairseq / "bin" / "fairseq-preprocess").exists():
             for w in [int(x) for x in args.workers.split(",")]:
                 results.extend(_fairseq(args, tok, n, src, tgt, w))
+    for n in [int(x) for x in args.tokenizer_sizes.split(",") if x]:
+        src, tgt = corpora[n]
+        d = args.out / f"tok{n}"
+        m = measure(
+            [*cli, "tokenizer", str(RECIPE), *recipe_args(d, src, tgt)]
+            + ["--set", f"tokenizer.input_sentence_size={args.tokenizer_sample}"],
+            env,
+        )
+        row = {"what": f"translate tokenizer (sample {args.tokenizer_sample:,} pairs)", "pairs": n or 26260, **_pick(m)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
     for n in [int(x) for x in args.startup_sizes.split(",") if x]:
         src, tgt = corpora[n]
         d = run_dir(n)

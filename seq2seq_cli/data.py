@@ -433,10 +433,19 @@ def collate(corpus: EncodedCorpus, index: Sequence[int], pad_id: int, bos_id: in
 
 
 def collate_rows(
-    src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]], pad_id: int, bos_id: int, eos_id: int
+    src: Sequence[Sequence[int]],
+    tgt: Sequence[Sequence[int]],
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    multiple: int = 1,
 ) -> Batch:
-    """The padded Batch of source rows (ending in EOS) and target rows (no BOS/EOS): numpy, no per-token Python."""
+    """The padded Batch of source rows (ending in EOS) and target rows (no BOS/EOS): numpy, no per-token Python.
+
+    multiple > 1 rounds both padded lengths up to a multiple of it (fewer distinct tensor shapes).
+    """
     n, s_max, t_max = len(src), max(map(len, src)), max(map(len, tgt)) + 1
+    s_max, t_max = -(-s_max // multiple) * multiple, -(-t_max // multiple) * multiple
     src_arr = np.full((n, s_max), pad_id, dtype=np.int64)
     tgt_in = np.full((n, t_max), pad_id, dtype=np.int64)
     tgt_out = np.full((n, t_max), pad_id, dtype=np.int64)

@@ -178,6 +178,9 @@ class TrainConfig(_Strict):
 
     batch_tokens: int = Field(4096, ge=16, description="max padded tokens per batch and side")
     accum_steps: int = Field(1, ge=1)
+    pad_multiple: int = Field(
+        1, ge=1, le=64, description="round each batch's padded lengths up to a multiple of this (fewer shapes)"
+    )
     max_steps: int = Field(0, ge=0, description="0 = no step limit")
     max_epochs: int = Field(0, ge=0, description="0 = no epoch limit")
     max_time: float = Field(0.0, ge=0.0, description="wall-clock budget in minutes (0 = none)")

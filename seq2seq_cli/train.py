@@ -458,7 +458,8 @@ class Trainer:
     def _gradients(self, group: list[list[int]]) -> tuple[float, float, int, int]:
         """Forward and backward over the micro-batches; gradients accumulate in the parameters."""
         tok = self.tok
-        micro = [collate_rows(*self.data.train.rows(idx), tok.pad_id, tok.bos_id, tok.eos_id) for idx in group]
+        pad = (tok.pad_id, tok.bos_id, tok.eos_id, self.cfg.pad_multiple)
+        micro = [collate_rows(*self.data.train.rows(idx), *pad) for idx in group]
         local_tgt = sum(b.n_tgt for b in micro)
         total_tgt = dist.all_reduce_sum(local_tgt, self.ctx, self.device)
         scale = self.ctx.world / total_tgt  # DDP averages gradients over ranks: undo it, divide by all tokens

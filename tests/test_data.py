@@ -349,3 +349,17 @@ def test_collate_empty_target() -> None:
     corpus = EncodedCorpus(src=[[5, EOS]], tgt=[[]])
     batch = collate(corpus, [0], PAD, BOS, EOS)
     assert batch.tgt_in.tolist() == [[BOS]] and batch.tgt_out.tolist() == [[EOS]]
+
+
+def test_collate_rows_pads_to_a_multiple_and_keeps_the_content() -> None:
+    from seq2seq_cli.data import collate_rows
+
+    src, tgt = [[5, 6, EOS], [7, EOS]], [[8, 9, 10], [11]]
+    plain = collate_rows(src, tgt, PAD, BOS, EOS)
+    padded = collate_rows(src, tgt, PAD, BOS, EOS, multiple=8)
+    assert tuple(plain.src.shape) == (2, 3) and tuple(padded.src.shape) == (2, 8)
+    assert tuple(plain.tgt_in.shape) == (2, 4) and tuple(padded.tgt_out.shape) == (2, 8)
+    for name in ("src", "tgt_in", "tgt_out"):
+        a, b = getattr(plain, name), getattr(padded, name)
+        assert torch.equal(b[:, : a.size(1)], a) and b[:, a.size(1) :].eq(PAD).all()
+    assert (plain.n_src, plain.n_tgt) == (padded.n_src, padded.n_tgt) == (5, 6)
