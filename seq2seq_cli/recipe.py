@@ -145,6 +145,11 @@ class TokenizerConfig(_Strict):
         description="train on at most this many pairs, a reproducible uniform sample of the training corpora "
         "(reservoir sampling while streaming them: memory bounded whatever their size; 0 = all)",
     )
+    byte_fallback: bool = Field(
+        False,
+        description="characters outside the vocabulary become UTF-8 byte pieces instead of <unk> "
+        "(256 of vocab_size): any text can be encoded and reproduced, e.g. a new domain when fine-tuning",
+    )
     user_defined_symbols: list[str] = Field(default_factory=list)
 
 

@@ -32,7 +32,7 @@ SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>
 # precomposed accents), so decode(encode(x)) == x holds there, while user corpora with full-width
 # or compatibility characters get consistently normalised input and output.
 NORMALIZATION = "nmt_nfkc"
-SEED = 1  # sentencepiece's global RNG, used when input_sentence_size samples the corpus
+SEED = 1  # sentencepiece's global RNG, and the seed of the tokenizer's reservoir sample
 
 Side = Literal["src", "tgt"]
 
@@ -202,8 +202,9 @@ def _train_one(cfg: TokenizerConfig, lines: Iterable[str], what: str, num_thread
             model_type=cfg.type,
             vocab_size=cfg.vocab_size,
             character_coverage=cfg.character_coverage,
-            input_sentence_size=cfg.input_sentence_size,
-            shuffle_input_sentence=cfg.input_sentence_size > 0,
+            input_sentence_size=0,  # every line given: the caller samples (pipeline.run_tokenizer)
+            shuffle_input_sentence=False,
+            byte_fallback=cfg.byte_fallback,
             user_defined_symbols=list(cfg.user_defined_symbols),
             normalization_rule_name=NORMALIZATION,
             pad_id=PAD_ID,

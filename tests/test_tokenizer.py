@@ -169,3 +169,16 @@ def test_foreign_model_with_other_special_ids_is_rejected(corpus, tmp_path: Path
     )
     with pytest.raises(TokenizerError, match=r"spm\.model: special ids .* are \(-1, 0, 1, 2\)"):
         Tokenizer.load(tmp_path)
+
+
+def test_byte_fallback_encodes_unseen_characters_without_unk(corpus, tmp_path: Path) -> None:
+    """Characters the corpus never had (digits, symbols, emoji) become byte pieces and decode back."""
+    src, tgt = corpus
+    text = "Press Ctrl+F5 = 100% «OK» ▸ 🙂"
+    plain = train_tokenizer(TokenizerConfig(vocab_size=700), src, tgt, tmp_path / "a", num_threads=1)
+    assert UNK_ID in plain.encode_src(text)  # the Bible has none of these characters
+    tok = train_tokenizer(TokenizerConfig(vocab_size=700, byte_fallback=True), src, tgt, tmp_path / "b", num_threads=1)
+    ids = tok.encode_src(text)
+    assert UNK_ID not in ids and tok.decode_src(ids) == text and tok.decode_tgt(tok.encode_tgt(text)) == text
+    assert tok.coverage([text], "src")[0] == 0.0
+    assert tok.id_to_piece(ids[-1]).startswith("<0x")  # the emoji's last UTF-8 byte
