@@ -6,6 +6,10 @@ not depend on how the tokens are split between micro-batches or processes. Under
 (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, ranks take disjoint shards
 of each epoch's batches, and only rank 0 validates, logs and writes files.
 
+Training pairs come from the corpora prepared under OUTPUT_DIR/prepared/ (`prepare`, `shards`):
+only their lengths are in memory, each batch's rows are read from disk, and each epoch's batches
+are built with numpy from the lengths and the corpus weights.
+
 A run resumes from `checkpoints/last.pt`: weights, optimizer, schedule, RNG states and the
 position in the epoch's batch order are restored, so the continued run sees the same batches.
 
@@ -112,7 +116,7 @@ class _Position:
 
 @dataclass
 class Corpora:
-    """The prepared training corpora (memory-mapped shards, see `prepare`) and the dev set, if any."""
+    """The prepared training corpora (token-id shards on disk, see `prepare`) and the dev set, if any."""
 
     train: TrainingSet
     report: dict[str, Any]
