@@ -41,6 +41,7 @@ __all__ = [
     "sample_pairs",
     "PairCounts",
     "open_bytes",
+    "checked_lines",
     "read_split",
     "clean_line",
     "ParallelText",
@@ -105,7 +106,7 @@ def iter_lines(path: Path, errors: str = "strict", counts: Optional[dict] = None
     _check_path(path)
     counts = {} if counts is None else counts
     with open_bytes(path) as f:
-        for no, raw in enumerate(_checked(f, path), 1):
+        for no, raw in enumerate(checked_lines(f, path), 1):
             yield decode_bytes(raw, str(path), no, errors, counts).rstrip("\r\n")
 
 
@@ -114,7 +115,7 @@ def open_bytes(path: Path):
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
-def _checked(lines: Iterable[bytes], path: Path) -> Iterator[bytes]:
+def checked_lines(lines: Iterable[bytes], path: Path) -> Iterator[bytes]:
     """Lines of a (maybe gzip) file; a damaged gzip stream is a DataError naming the file."""
     try:
         yield from lines

@@ -18,6 +18,7 @@ Public names: prepare, open_training_set, corpus_dir, ensure_tokenizer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -31,7 +32,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from .checkpoint import CheckpointError, RunDir, load_checkpoint
-from .data import DataError, clean_line, decode_bytes
+from .data import DataError, checked_lines, clean_line, decode_bytes, open_bytes
 from .recipe import Recipe, Split
 from .shards import (
     PreparedCorpus,
@@ -198,18 +199,15 @@ def _select(flat: np.ndarray, lens: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def _raw_chunks(split: Split, counter: list[int]) -> Iterator[tuple[int, list[bytes], Optional[list[bytes]]]]:
-    """(first line number, source lines, target lines or None for TSV) in chunks; counter[0] = bytes read."""
-    from .data import _checked, open_bytes
+    """(first line number, source lines, target lines or None for TSV) in chunks; counter[0] = bytes read.
 
+    The files' existence is checked by the caller (`_prepare_one`)."""
     paths = _inputs(split)
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: {'is a directory, expected a text file' if p.is_dir() else 'file not found'}")
-    raw = open(paths[0], "rb")
     limit = split.max_lines or None
-    try:
-        first = _checked(_gunzip(raw, paths[0]), paths[0])
-        second = _checked(open_bytes(paths[1]), paths[1]) if len(paths) == 2 else None
+    with contextlib.ExitStack() as files:
+        raw = files.enter_context(open(paths[0], "rb"))
+        first = checked_lines(_gunzip(raw, paths[0]), paths[0])
+        second = checked_lines(files.enter_context(open_bytes(paths[1])), paths[1]) if len(paths) == 2 else None
         no = 0
         while True:
             take = CHUNK_PAIRS if limit is None else min(CHUNK_PAIRS, limit - no)
@@ -227,8 +225,6 @@ def _raw_chunks(split: Split, counter: list[int]) -> Iterator[tuple[int, list[by
                 return
             yield no + 1, src, tgt
             no += len(src)
-    finally:
-        raw.close()
 
 
 def _gunzip(raw, path: Path):
