@@ -42,6 +42,7 @@ __all__ = [
     "PairCounts",
     "open_bytes",
     "checked_lines",
+    "split_tsv_line",
     "read_split",
     "clean_line",
     "ParallelText",
@@ -146,7 +147,7 @@ def iter_pairs(
     if split.tsv is not None:
         _check_path(split.tsv)
         pairs: Iterator[tuple[str, str]] = (
-            _tsv_pair(line, split.tsv, no) for no, line in enumerate(iter_lines(split.tsv, errors, tally), 1)
+            split_tsv_line(line, split.tsv, no) for no, line in enumerate(iter_lines(split.tsv, errors, tally), 1)
         )
     else:
         assert split.src is not None and split.tgt is not None
@@ -196,7 +197,8 @@ def sample_pairs(
     return [x[1] for x in kept], [x[2] for x in kept], counts
 
 
-def _tsv_pair(line: str, path: Path, no: int) -> tuple[str, str]:
+def split_tsv_line(line: str, path: Path | str, no: int) -> tuple[str, str]:
+    """(source, target) of one 'source<TAB>target' line; a blank line is ('', ''); else DataError naming path:no."""
     parts = line.split("\t")
     if len(parts) == 2:
         return parts[0], parts[1]
@@ -237,14 +239,9 @@ class ParallelText:
 def _read_tsv(path: Path, errors: str, counts: dict) -> tuple[list[str], list[str]]:
     src, tgt = [], []
     for no, line in enumerate(iter_lines(path, errors, counts), 1):
-        parts = line.split("\t")
-        if len(parts) != 2:
-            if not line.strip():
-                parts = ["", ""]
-            else:
-                raise DataError(f"{path}:{no}: expected 'source<TAB>target', found {len(parts) - 1} tabs")
-        src.append(clean_line(parts[0]))
-        tgt.append(clean_line(parts[1]))
+        s, t = split_tsv_line(line, path, no)
+        src.append(clean_line(s))
+        tgt.append(clean_line(t))
     return src, tgt
 
 

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from .checkpoint import CheckpointError, RunDir, load_checkpoint
-from .data import DataError, checked_lines, clean_line, decode_bytes, open_bytes
+from .data import DataError, checked_lines, clean_line, decode_bytes, open_bytes, split_tsv_line
 from .recipe import Recipe, Split
 from .shards import (
     PreparedCorpus,
@@ -137,12 +137,7 @@ def _encode_chunk(first_line: int, src_raw: list[bytes], tgt_raw: Optional[list[
         no = first_line + k
         if tgt_raw is None:  # TSV
             line = decode_bytes(raw, names[0], no, cfg["encoding_errors"], counts).rstrip("\r\n")
-            parts = line.split("\t")
-            if len(parts) != 2:
-                if line.strip():
-                    raise DataError(f"{names[0]}:{no}: expected 'source<TAB>target', found {len(parts) - 1} tabs")
-                parts = ["", ""]
-            s, t = parts
+            s, t = split_tsv_line(line, names[0], no)
         else:
             s = decode_bytes(raw, names[0], no, cfg["encoding_errors"], counts)
             t = decode_bytes(tgt_raw[k], names[1], no, cfg["encoding_errors"], counts)
