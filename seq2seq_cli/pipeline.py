@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from .atomic import atomic_write
 from .checkpoint import RunDir, load_checkpoint
 from .data import read_split, sample_pairs
-from .prepare import corpus_dir, prepare
+from .prepare import corpus_dir, corpus_specs, prepare
 from .recipe import Recipe, RecipeError, Split
 from .shards import ShardError, read_manifest
 from .tokenizer import SEED, Tokenizer, train_tokenizer
@@ -112,8 +112,6 @@ def _tokenizer_ready(run: RunDir) -> bool:
 
 def _prepared(recipe: Recipe) -> bool:
     """Whether every training corpus has a manifest (fresh or not: staleness is training's error)."""
-    from .prepare import corpus_specs
-
     for name, _, _ in corpus_specs(recipe):
         try:
             read_manifest(corpus_dir(recipe, name))

@@ -241,7 +241,7 @@ def _prepare_one(
         if not p.is_file():
             raise DataError(f"{p}: {'is a directory, expected a text file' if p.is_dir() else 'file not found'}")
     writer = ShardWriter(tmp, max(tok.src_vocab_size, tok.tgt_vocab_size), recipe.data.max_len)
-    settings = {**_filters(recipe, split)}
+    settings = _filters(recipe, split)
     names = (str(inputs[0]), str(inputs[-1]))
     total = collections.Counter()
     seen: set[int] = set()
@@ -286,7 +286,7 @@ def _prepare_one(
                 "name": name,
                 "inputs": [input_record(p) for p in inputs],
                 "tokenizer_sha256": tok_hash,
-                "filters": _filters(recipe, split),
+                "filters": settings,
                 "counts": counts,
                 "coverage": coverage,
                 "seconds": round(seconds, 2),
