@@ -1,17 +1,19 @@
 """Load figures for `translate serve`, beside offline `translate decode` of the same lines in the same run.
 
 Usage:
-  python bench/serve_bench.py CKPT [--lines data/bible-en-es/test.en] [--n 300] [--clients 1,4,16]
-                              [--threads 2] [--max-wait-ms 5] [--json OUT.json]
+  python bench/serve_bench.py CKPT [--lines data/bible-en-es/test.en] [--n 300] [--clients 1,8,32]
+                              [--batching on,off] [--threads 2] [--max-wait-ms 5] [--json OUT.json]
 
 Steps: (1) the CPU (model, ISA flags from /proc/cpuinfo) and torch; (2) `translate decode` of the first N
 non-empty test lines (wall time including start-up, and the decode's own rate without start-up);
-(3) `translate serve` on a free port, a warm-up, then for each client count C: C threads, each with
+(3) for each batching mode (`on`: dynamic batching; `off`: `translate serve --no-batching`, each request
+searched alone), `translate serve` on a free port, a warm-up, then for each client count C: C threads, each with
 one keep-alive connection, take lines from a shared queue and POST each line alone to /v1/translate
 (split_sentences false, so an answer is comparable with the decode line). Reported per C: sentences/s
 and target tokens/s (1-best pieces without EOS, as `translate decode` counts them; from /metrics),
-p50/p95/p99 request latency, mean sentences and requests per search batch (from /metrics), and how many
-answers equal the offline decode's line.
+p50/p95/p99 request latency, mean sentences and requests per search batch (from /metrics), the mean
+number of requests waiting in the batcher's queue and being searched (sampled from /health every 100 ms),
+and how many answers equal the offline decode's line.
 """
 
 from __future__ import annotations
@@ -111,7 +113,9 @@ def metric(text: str, name: str) -> float:
     return total
 
 
-def start_server(ckpt: Path, threads: int, max_wait_ms: float, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(
+    ckpt: Path, threads: int, max_wait_ms: float, extra: list[str], batching: bool = True
+) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -128,6 +132,7 @@ def start_server(ckpt: Path, threads: int, max_wait_ms: float, extra: list[str])
         str(max_wait_ms),
         "--max-sentences",
         "1000",
+        "--batching" if batching else "--no-batching",
     ]
     proc = subprocess.Popen(
         cmd,
@@ -177,14 +182,26 @@ def load(url: str, lines: list[str], clients: int) -> tuple[dict, list[str]]:
                     latencies.append(time.perf_counter() - t)
                 answers[i] = r.json()["translations"][0]["text"]
 
+    samples: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:  # where the requests are: queued for a batch, or submitted and not answered
+        with httpx.Client(timeout=60) as http:
+            while not done.wait(0.1):
+                h = http.get(f"{url}/health").json()
+                samples.append((h["queued_requests"], h["in_flight_requests"]))
+
     before = httpx.get(f"{url}/metrics").text
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
+    sampler = threading.Thread(target=sample)
+    for t in [*threads, sampler]:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
     after = httpx.get(f"{url}/metrics").text
 
     def delta(name: str) -> float:
@@ -202,6 +219,8 @@ def load(url: str, lines: list[str], clients: int) -> tuple[dict, list[str]]:
         "mean_batch_sentences": delta("translate_batch_sentences_sum") / max(1, batches),
         "mean_batch_requests": delta("translate_batch_requests_sum") / max(1, batches),
         "batches": int(batches),
+        "mean_queued": statistics.fmean(q for q, _ in samples) if samples else float("nan"),
+        "mean_in_flight": statistics.fmean(f for _, f in samples) if samples else float("nan"),
     }, answers
 
 
@@ -210,7 +229,8 @@ def main() -> None:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--lines", type=Path, default=REPO / "data" / "bible-en-es" / "test.en")
     ap.add_argument("--n", type=int, default=300)
-    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--batching", default="on,off", help="modes to measure: on (dynamic batching), off, or both")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--json", type=Path, default=None)
@@ -220,10 +240,15 @@ def main() -> None:
 
     lines = [x.strip() for x in args.lines.read_text(encoding="utf-8").splitlines() if x.strip()][: args.n]
     info = cpu_info()
+    sys.path.insert(0, str(REPO))
+    from seq2seq_cli.precision import cpu_info as project_cpu_info
+
+    info["described"] = project_cpu_info().describe()
     print(
         f"CPU: {info['cpu']}, {info['cpus']} logical CPUs available, ISA: {' '.join(info['isa']) or '-'}; "
         f"torch {info['torch']}, python {info['python']}"
     )
+    print(f"as the project sees it: {info['described']}; decoding precision auto = fp32 on every CPU")
     print(
         f"{len(lines)} lines of {args.lines}, {args.threads} threads, checkpoint {args.checkpoint}, "
         f"precision {args.precision or 'of the checkpoint'}"
@@ -236,37 +261,51 @@ def main() -> None:
         f"{offline['tok_per_s']:.0f} tok/s"
     )
 
-    proc, url = start_server(args.checkpoint, args.threads, args.max_wait_ms, extra)
     rows = []
-    try:
-        for line in lines[:8]:  # warm-up
-            httpx.post(f"{url}/v1/translate", json={"text": line}, timeout=300).raise_for_status()
-        for c in [int(x) for x in args.clients.split(",")]:
-            row, answers = load(url, lines, c)
-            row["equal_to_decode"] = sum(a == b for a, b in zip(answers, reference))
-            row["differ"] = [i for i, (a, b) in enumerate(zip(answers, reference)) if a != b]
-            rows.append(row)
-            print(
-                f"  {c:>2} clients: {row['sent_per_s']:.1f} sent/s, {row['tok_per_s']:.0f} tok/s, "
-                f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
-                f"batch {row['mean_batch_sentences']:.1f} sentences ({row['batches']} batches), "
-                f"equal to decode {row['equal_to_decode']}/{len(lines)} (differ: lines {row['differ'][:5]})",
-                flush=True,
-            )
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
-    print(f"server exit status after SIGTERM: {code}")
+    for mode in args.batching.split(","):
+        if mode not in ("on", "off"):
+            sys.exit(f"--batching: expected on, off or on,off (got {mode})")
+        print(f"dynamic batching {mode}:")
+        proc, url = start_server(args.checkpoint, args.threads, args.max_wait_ms, extra, batching=mode == "on")
+        try:
+            for line in lines[:8]:  # warm-up
+                httpx.post(f"{url}/v1/translate", json={"text": line}, timeout=300).raise_for_status()
+            for c in [int(x) for x in args.clients.split(",")]:
+                row, answers = load(url, lines, c)
+                row["batching"] = mode
+                row["equal_to_decode"] = sum(a == b for a, b in zip(answers, reference))
+                row["differ"] = [i for i, (a, b) in enumerate(zip(answers, reference)) if a != b]
+                rows.append(row)
+                print(
+                    f"  {c:>2} clients: {row['sent_per_s']:.1f} sent/s, {row['tok_per_s']:.0f} tok/s, "
+                    f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
+                    f"batch {row['mean_batch_sentences']:.1f} sentences ({row['batches']} batches), "
+                    f"queued {row['mean_queued']:.1f}, in search or queue {row['mean_in_flight']:.1f}, "
+                    f"equal to decode {row['equal_to_decode']}/{len(lines)} (differ: lines {row['differ'][:5]})",
+                    flush=True,
+                )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+        print(f"server exit status after SIGTERM: {code}")
     print()
-    print("| clients | sent/s | tok/s | p50 ms | p95 ms | p99 ms | mean batch (sentences) | answers = decode |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| batching | clients | sent/s | tok/s | p50 ms | p95 ms | p99 ms | mean batch (sentences) | answers = decode |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['clients']} | {r['sent_per_s']:.1f} | {r['tok_per_s']:.0f} | {r['p50_ms']:.0f} | "
+            f"| {r['batching']} | {r['clients']} | {r['sent_per_s']:.1f} | {r['tok_per_s']:.0f} | {r['p50_ms']:.0f} | "
             f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch_sentences']:.1f} | "
             f"{r['equal_to_decode']}/{len(lines)} |"
         )
-    print(f"| offline `translate decode` | {offline['sent_per_s']:.1f} | {offline['tok_per_s']:.0f} | | | | | |")
+    print(f"| offline `translate decode` | | {offline['sent_per_s']:.1f} | {offline['tok_per_s']:.0f} | | | | | |")
+    for c in sorted({r["clients"] for r in rows}):
+        on = [r for r in rows if r["clients"] == c and r["batching"] == "on"]
+        off = [r for r in rows if r["clients"] == c and r["batching"] == "off"]
+        if on and off:
+            ratio = on[0]["sent_per_s"] / off[0]["sent_per_s"]
+            print(f"{c} clients: dynamic batching gives {ratio:.2f}x the throughput of no batching")
     if args.json:
         args.json.write_text(
             json.dumps(

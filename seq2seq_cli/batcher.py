@@ -4,8 +4,9 @@ One `Batcher` per model owns one worker thread, the only thread that runs that m
 Requests `submit(sentences, key, tokens)` and get a `concurrent.futures.Future`. The worker takes
 the oldest waiting request, then waits at most `max_wait` seconds (counted from that request's
 arrival) for more requests with the same `key` (the search settings: requests with different
-settings never share a batch), until `max_tokens` (the sum of the requests' token counts) or
-`max_sentences` is reached, and runs them as one call of `run(sentences, key)`. Requests are
+settings never share a batch), until `max_tokens` (the sum of the requests' token counts),
+`max_sentences` or `max_requests` is reached, and runs them as one call of `run(sentences, key)`
+(`max_requests=1` turns dynamic batching off: each request is searched on its own). Requests are
 taken in arrival order per key and are never split; a single request larger than the budget runs
 alone. Since search is batch-invariant per sentence, each result equals what the sentence gets
 on its own.
@@ -77,13 +78,15 @@ class Batcher:
         name: str = "batcher",
         workers: int = 1,
         on_start: Optional[Callable[[], None]] = None,
+        max_requests: int = 1 << 30,
     ) -> None:
-        if max_wait < 0 or max_tokens < 1 or max_sentences < 1 or workers < 1:
-            raise ValueError("max_wait must be >= 0, max_tokens, max_sentences and workers >= 1")
+        if max_wait < 0 or min(max_tokens, max_sentences, workers, max_requests) < 1:
+            raise ValueError("max_wait must be >= 0, max_tokens, max_sentences, workers and max_requests >= 1")
         self._run = run
         self.max_wait = max_wait
         self.max_tokens = max_tokens
         self.max_sentences = max_sentences
+        self.max_requests = max_requests
         self._on_batch = on_batch
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
@@ -134,7 +137,7 @@ class Batcher:
             deadline = first.arrived + self.max_wait
             while True:
                 group, tokens, sentences = self._fill(first.key)
-                full = tokens >= self.max_tokens or sentences >= self.max_sentences
+                full = tokens >= self.max_tokens or sentences >= self.max_sentences or len(group) >= self.max_requests
                 remaining = deadline - time.monotonic()
                 if full or remaining <= 0 or self._closing:
                     break
@@ -150,7 +153,11 @@ class Batcher:
         for r in self._queue:
             if r.key != key:
                 continue
-            if group and (tokens + r.tokens > self.max_tokens or sentences + len(r.sentences) > self.max_sentences):
+            if group and (
+                tokens + r.tokens > self.max_tokens
+                or sentences + len(r.sentences) > self.max_sentences
+                or len(group) >= self.max_requests
+            ):
                 break
             group.append(r)
             tokens += r.tokens

@@ -638,6 +638,9 @@ def serve(
     max_chars: Annotated[int, typer.Option(min=1, help="characters per request (more: 413)")] = 20000,
     max_sentences: Annotated[int, typer.Option(min=1, help="sentences per request (more: 413)")] = 256,
     max_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a batch waits for requests")] = 5.0,
+    batching: Annotated[
+        bool, typer.Option(help="merge concurrent requests into search batches (--no-batching: one request each)")
+    ] = True,
     batch_tokens: Annotated[
         Optional[int],
         typer.Option(min=1, help="batch budget: beam rows x source tokens (default: the model's x workers)"),
@@ -667,6 +670,7 @@ def serve(
             max_chars=max_chars,
             max_sentences=max_sentences,
             max_wait_ms=max_wait_ms,
+            batching=batching,
             batch_tokens=batch_tokens,
             device=device,
             threads=threads,

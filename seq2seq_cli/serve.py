@@ -115,6 +115,7 @@ class ServeConfig:
     max_chars: int = 20000  # characters per request, all texts together
     max_sentences: int = 256  # sentences per request, after splitting
     max_wait_ms: float = 5.0  # how long a batch waits for more requests
+    batching: bool = True  # False: each request is searched on its own (for comparison)
     batch_tokens: Optional[int] = None  # the batcher's budget, beam rows x source tokens; None: model's x workers
     max_beam: int = 16
     device: str = "auto"
@@ -474,13 +475,14 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         workers = s.engine.take_workers()
         s.batcher = Batcher(
             make_run(s),
-            config.max_wait_ms / 1000,
+            config.max_wait_ms / 1000 if config.batching else 0.0,
             s.engine.batch_tokens,
             1 << 30,
             make_record(s),
             name=f"search-{s.pair}",
             workers=workers,
             on_start=s.engine.thread_share(workers),
+            max_requests=1 << 30 if config.batching else 1,
         )
 
     @contextlib.asynccontextmanager

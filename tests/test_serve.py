@@ -112,6 +112,33 @@ def test_batcher_merges_queued_requests_and_separates_settings() -> None:
     assert [(r.requests, r.sentences) for r in records] == [(1, 1), (4, 8), (1, 2)]
 
 
+@pytest.mark.parametrize("max_requests, expected", [(1, [1, 1, 1, 1, 1, 1]), (2, [1, 2, 2, 1])])
+def test_batcher_max_requests_bounds_merging(max_requests, expected) -> None:
+    """max_requests=1 is dynamic batching off (the serve --no-batching comparison): every request
+    is searched alone, in arrival order, even when several are queued."""
+    gate, calls = threading.Event(), []
+
+    def run(sentences: list[str], key: str) -> list[str]:
+        calls.append(list(sentences))
+        if len(calls) == 1:
+            gate.wait(10)
+        return [s.upper() for s in sentences]
+
+    records = []
+    b = Batcher(run, max_wait=0.0, max_tokens=100, on_batch=records.append, max_requests=max_requests)
+    first = b.submit(["a"], "k", 1)
+    while not calls:
+        time.sleep(0.01)
+    later = [b.submit([f"s{i}"], "k", 1) for i in range(5)]
+    gate.set()
+    assert first.result(10) == ["A"] and [f.result(10) for f in later] == [[f"S{i}"] for i in range(5)]
+    b.close()
+    assert [r.requests for r in records] == expected
+    assert [s for c in calls for s in c] == ["a"] + [f"s{i}" for i in range(5)]  # arrival order kept
+    with pytest.raises(ValueError):
+        Batcher(run, max_requests=0)
+
+
 def test_batcher_budget_cancellation_errors_and_drain() -> None:
     gate, calls = threading.Event(), []
 
@@ -251,6 +278,32 @@ def test_concurrent_requests_equal_cli_and_share_batches(served, cli_out) -> Non
     ) == len(LINES)
     assert _metric(after, "translate_target_tokens_total", **pair) > 0
     assert _metric(after, "translate_requests_total", endpoint="/v1/translate", status="200") >= len(LINES)
+
+
+def test_no_batching_searches_each_request_alone(e2e, cli_out) -> None:
+    """serve --no-batching (the load test's comparison): concurrent requests never share a search
+    batch, and the answers are the same."""
+    from seq2seq_cli.serve import ModelSpec, ServeConfig, create_app, load_engine
+
+    config = ServeConfig(device="cpu", threads=1, workers=1, max_wait_ms=100, batching=False)
+    server = ThreadServer(create_app([load_engine(ModelSpec((e2e.last,)), config)], config))
+    try:
+        barrier = threading.Barrier(len(LINES))
+
+        def ask(line: str) -> str:
+            barrier.wait(10)
+            r = httpx.post(f"{server.url}/v1/translate", json={"text": line}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["translations"][0]["text"]
+
+        with ThreadPoolExecutor(len(LINES)) as pool:
+            assert list(pool.map(ask, LINES)) == cli_out["plain"]
+        after = httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    pair = {"pair": "en-es"}
+    assert _metric(after, "translate_batch_requests_count", **pair) == len(LINES)
+    assert _metric(after, "translate_batch_requests_sum", **pair) == len(LINES)
 
 
 def test_list_input_and_n_best_equal_cli(served, cli_out) -> None:
