@@ -641,6 +641,9 @@ def serve(
     batching: Annotated[
         bool, typer.Option(help="merge concurrent requests into search batches (--no-batching: one request each)")
     ] = True,
+    search_nice: Annotated[
+        int, typer.Option(min=0, max=19, help="lower the search threads' priority by this (0: as the server's)")
+    ] = 10,
     batch_tokens: Annotated[
         Optional[int],
         typer.Option(min=1, help="batch budget: beam rows x source tokens (default: the model's x workers)"),
@@ -671,6 +674,7 @@ def serve(
             max_sentences=max_sentences,
             max_wait_ms=max_wait_ms,
             batching=batching,
+            search_nice=search_nice,
             batch_tokens=batch_tokens,
             device=device,
             threads=threads,

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +138,26 @@ def test_batcher_max_requests_bounds_merging(max_requests, expected) -> None:
     assert [s for c in calls for s in c] == ["a"] + [f"s{i}" for i in range(5)]  # arrival order kept
     with pytest.raises(ValueError):
         Batcher(run, max_requests=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_search_threads_run_at_a_lower_priority_than_the_server() -> None:
+    from seq2seq_cli.serve import Engine
+
+    seen = {}
+
+    def probe(nice: int) -> None:
+        Engine.thread_share(1, nice)()  # what each search thread runs first
+        seen[nice] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    for nice in (0, 7):
+        t = threading.Thread(target=probe, args=(nice,))
+        t.start()
+        t.join()
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen[0] == mine  # 0: equal priority
+    assert seen[7] == min(19, mine + 7)  # only that thread: this one is unchanged
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
 def test_batcher_budget_cancellation_errors_and_drain() -> None:
