@@ -646,7 +646,7 @@ def serve(
     ] = 10,
     batch_tokens: Annotated[
         Optional[int],
-        typer.Option(min=1, help="batch budget: beam rows x source tokens (default: the model's x workers)"),
+        typer.Option(min=1, help="search batch budget: beam rows x source tokens (default: the model's)"),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all cores)")] = 0,

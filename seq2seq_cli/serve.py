@@ -122,7 +122,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0  # how long a batch waits for more requests
     batching: bool = True  # False: each request is searched on its own (for comparison)
     search_nice: int = 10  # how much lower the search threads' scheduling priority is (0: equal)
-    batch_tokens: Optional[int] = None  # the batcher's budget, beam rows x source tokens; None: model's x workers
+    batch_tokens: Optional[int] = None  # a search batch's budget, beam rows x source tokens; None: the model's
     max_beam: int = 16
     device: str = "auto"
     threads: int = 0
@@ -184,6 +184,7 @@ class Engine:
         self.source = source
         self.target = target
         self.search_tokens = int(translator.config.batch_tokens)  # budget of one search batch (per beam row)
+        self.explicit_batch_tokens = batch_tokens  # --batch-tokens, or None
         self.batch_tokens = batch_tokens or self.search_tokens * max(1, int(translator.workers))
         self.defaults = self.options({})
 
@@ -202,10 +203,11 @@ class Engine:
     def take_workers(self) -> int:
         """Hand the Translator's worker count to the batcher: it then runs that many batches at once,
         one search thread each (a batch forms while another is searched), and each search is one
-        batch (the Translator's own worker pool is turned off). Returns the count."""
+        batch (the Translator's own worker pool is turned off), of at most --batch-tokens or else the
+        model's decode.batch_tokens. Returns the count."""
         workers = max(1, int(self.translator.workers))
         self.translator.workers = 1
-        self.batch_tokens = self.search_tokens
+        self.batch_tokens = self.explicit_batch_tokens or self.search_tokens
         return workers
 
     @staticmethod

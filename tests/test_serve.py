@@ -327,6 +327,21 @@ def test_no_batching_searches_each_request_alone(e2e, cli_out) -> None:
     assert _metric(after, "translate_batch_requests_sum", **pair) == len(LINES)
 
 
+def test_batch_tokens_option_bounds_each_search_batch(e2e) -> None:
+    from seq2seq_cli.serve import ModelSpec, ServeConfig, create_app, load_engine
+
+    for given, expected in ((None, None), (7, 7)):
+        config = ServeConfig(device="cpu", threads=2, workers=2, batch_tokens=given)
+        engine = load_engine(ModelSpec((e2e.last,)), config)
+        app = create_app([engine], config)
+        (s,) = app.state.served
+        try:
+            assert s.batcher.max_tokens == (expected or engine.search_tokens)  # not x workers: one per search
+            assert len(s.batcher._threads) == 2 and engine.translator.workers == 1
+        finally:
+            s.batcher.close()
+
+
 def test_list_input_and_n_best_equal_cli(served, cli_out) -> None:
     r = httpx.post(
         f"{served.url}/v1/translate",
