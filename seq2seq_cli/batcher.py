@@ -1,7 +1,7 @@
 """Dynamic batching for `translate serve`: sentences of concurrent requests share search batches.
 
-One `Batcher` per model owns one worker thread, the only thread that runs that model's search.
-Requests `submit(sentences, key, tokens)` and get a `concurrent.futures.Future`. The worker takes
+One `Batcher` per model owns its worker threads (`workers`), the only threads that run that
+model's search. Requests `submit(sentences, key, tokens)` and get a `concurrent.futures.Future`. A free worker takes
 the oldest waiting request, then waits at most `max_wait` seconds (counted from that request's
 arrival) for more requests with the same `key` (the search settings: requests with different
 settings never share a batch), until `max_tokens` (the sum of the requests' token counts),

@@ -184,8 +184,7 @@ class Engine:
         self.source = source
         self.target = target
         self.search_tokens = int(translator.config.batch_tokens)  # budget of one search batch (per beam row)
-        self.explicit_batch_tokens = batch_tokens  # --batch-tokens, or None
-        self.batch_tokens = batch_tokens or self.search_tokens * max(1, int(translator.workers))
+        self.batch_tokens = batch_tokens or self.search_tokens  # one search batch's budget (--batch-tokens)
         self.defaults = self.options({})
 
     def options(self, overrides: dict[str, Any]) -> Hashable:
@@ -203,11 +202,10 @@ class Engine:
     def take_workers(self) -> int:
         """Hand the Translator's worker count to the batcher: it then runs that many batches at once,
         one search thread each (a batch forms while another is searched), and each search is one
-        batch (the Translator's own worker pool is turned off), of at most --batch-tokens or else the
-        model's decode.batch_tokens. Returns the count."""
+        batch (the Translator's own worker pool is turned off) of at most `batch_tokens`. Returns
+        the count."""
         workers = max(1, int(self.translator.workers))
         self.translator.workers = 1
-        self.batch_tokens = self.explicit_batch_tokens or self.search_tokens
         return workers
 
     @staticmethod
