@@ -513,7 +513,7 @@ def create_app(engines: Sequence[Engine], config: ServeConfig = ServeConfig()) -
         workers = s.engine.take_workers()
         s.batcher = Batcher(
             make_run(s),
-            config.max_wait_ms / 1000 if config.batching else 0.0,
+            config.max_wait_ms / 1000,  # with max_requests=1 a batch is full at once: no wait
             s.engine.batch_tokens,
             1 << 30,
             make_record(s),
