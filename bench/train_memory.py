@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--tokenizer", help="an existing tokenizer/ directory (else one is trained)")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
+    ap.add_argument("--trim-every", type=int, default=0, help="glibc malloc_trim(0) every N updates (0: never)")
     args = ap.parse_args()
 
     from seq2seq_cli.bench import machine
@@ -54,6 +55,10 @@ def main() -> None:
     for i, group in enumerate(groups[: args.steps], 1):
         _, _, tgt, src = trainer._update(group)
         tokens += tgt + src
+        if args.trim_every and i % args.trim_every == 0:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         if i % 10 == 0:
             ru = resource.getrusage(resource.RUSAGE_SELF)
             print(

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from .atomic import atomic_write
 from .checkpoint import RunDir, load_checkpoint
 from .data import read_split, sample_pairs
+from .memory import release_free_heap
 from .prepare import corpus_dir, corpus_specs, prepare
 from .recipe import Recipe, RecipeError, Split
 from .shards import ShardError, read_manifest
@@ -241,6 +242,7 @@ def run_pipeline(recipe: Recipe, force: bool = False, progress: bool = True) -> 
             continue
         log.info("stage %s: running", name)
         results[name] = fn()
+        release_free_heap()  # one stage's freed heap is not the next one's peak (memory.py)
         done[name] = fp
         atomic_write(state_file, json.dumps(done, indent=1) + "\n")
     if "score" in results and results["score"] == "skipped":

@@ -143,6 +143,8 @@ def test_metrics_jsonl_has_train_and_valid_records(e2e) -> None:
     for r in train:
         assert r["lr"] > 0 and math.isfinite(r["loss"]) and r["loss"] > 0
         assert r["tokens_per_s"] > 0 and r["epoch"] >= 1
+    peaks = [r["peak_rss_mib"] for r in train]  # a high-water mark: never falls, and is this process's
+    assert peaks == sorted(peaks) and 50 < peaks[0] < 100_000
     assert train[-1]["loss"] < train[0]["loss"], "the loss should go down on the toy task"
     assert [r["step"] for r in valid] == [60, 120]
     for r in valid:
