@@ -10,11 +10,25 @@ the default recipe (bf16, 1 thread, Intel Xeon with AMX): after 100 updates RSS 
                         back to the OS. Training calls it before the first update, every log
                         window and after each validation (the next update faults its pages in
                         again, ~0.1 s per call); elsewhere than glibc (macOS, musl) it does nothing;
-  peak_rss_mib()        the process's resident high-water mark (getrusage), in MiB.
+  peak_rss_mib()        the process's resident high-water mark (getrusage), in MiB;
+  bound_kernel_caches() caps the two caches of compiled oneDNN kernels (one per matmul shape,
+                        each holding its scratch memory), through their environment variables, which
+                        are read at first use: torch's own (ideep's LRU_CACHE_CAPACITY, default
+                        1,024) to 8 for training and decoding, and oneDNN's primitive cache
+                        (ONEDNN_PRIMITIVE_CACHE_CAPACITY, default 1,024) to 16 for training. A value
+                        already in the environment wins.
+
+Why the kernel caches: training's and decoding's batch shapes rarely repeat, so the caches fill
+with kernels never used again. Measured on the bible recipe (bf16, 1 thread, Intel Xeon with AMX,
+malloc_trim every 50 updates), peak RSS over 250 updates: 1,894 MiB and still climbing with
+torch's cache at 1,024, a flat 1,304 with 8, at the same speed (7,400-7,500 tok/s). Decoding the
+bible test (2 workers): bf16 1.64-1.73 GB -> 1.31-1.35 GB, fp32 0.94-0.96 -> 0.86-0.90 GB, same
+speed. oneDNN's own cache: after 100 updates 3,111 MiB at 128, 1,759 at 16, same speed; 0 is 25%
+slower (16 still holds one layer's shapes for the next layers of the same update).
 
 Measured against trimming every 10 updates (1.70 GB peak, 4% slower): every 50 costs nothing
 measurable. This room imports nothing of the package. Public names: release_free_heap,
-peak_rss_mib.
+peak_rss_mib, bound_kernel_caches.
 """
 
 from __future__ import annotations
@@ -22,11 +36,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
 import sys
 from typing import Optional
 
-__all__ = ["release_free_heap", "peak_rss_mib"]
+__all__ = ["release_free_heap", "peak_rss_mib", "bound_kernel_caches"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,3 +72,11 @@ def peak_rss_mib() -> float:
         return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def bound_kernel_caches(training: bool) -> None:
+    """Cap torch's (ideep's) oneDNN kernel cache at 8 entries, and oneDNN's primitive cache at 16
+    when training, unless the environment already sets them. Call before the first matmul."""
+    os.environ.setdefault("LRU_CACHE_CAPACITY", "8")
+    if training:
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")

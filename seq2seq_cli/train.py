@@ -65,7 +65,7 @@ from .data import (
     shard_batches,
 )
 from .loss import label_smoothed_nll, output_layer_loss
-from .memory import peak_rss_mib, release_free_heap
+from .memory import bound_kernel_caches, peak_rss_mib, release_free_heap
 from .model import Seq2SeqTransformer, build_model
 from .precision import resolve_precision
 from .prepare import open_training_set
@@ -79,8 +79,6 @@ from .tokenizer import Tokenizer
 __all__ = ["train", "TrainResult", "TrainingInterrupted", "finetune_recipe", "freeze"]
 
 log = logging.getLogger(__name__)
-
-ONEDNN_TRAIN_CACHE = "16"
 
 
 class TrainingInterrupted(Exception):
@@ -331,12 +329,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, progress: bool = True) -> None:
         self.recipe, self.cfg = recipe, recipe.train
-        # oneDNN caches a compiled kernel (and its scratch memory, ~10 MB) per bf16 matmul shape;
-        # training's batch shapes rarely repeat across updates, so its default of 1,024 entries mostly
-        # grows memory. 16 still holds one layer's shapes for the next layers of the same update
-        # (bible recipe, bf16, 1 thread, Intel Xeon with AMX, RSS after 100 updates: 3,111 MiB with 128,
-        # 1,759 with 16, 1,306 with 0 but 25% slower; 16 as fast as 128). Read at first use.
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_TRAIN_CACHE)
+        bound_kernel_caches(training=True)  # kernels per batch shape would fill memory (memory.py)
         self.ctx = dist.init_from_env()
         self.main = self.ctx.rank == 0
         self.device = dist.pick_device(self.cfg.device, self.ctx.local_rank)

@@ -33,6 +33,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .data import DataError, clean_line
+from .memory import bound_kernel_caches
 from .precision import native_bf16, resolve_precision
 from .recipe import DecodeConfig, resolve_decode
 from .search import Ensemble, Hypothesis, translate_ids
@@ -105,6 +106,7 @@ class Translator:
         options: Optional[dict[str, Any]] = None,
         recipe: Optional[DecodeConfig] = None,
     ) -> None:
+        bound_kernel_caches(training=False)  # before the first matmul (memory.py)
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
