@@ -547,3 +547,27 @@ def test_learns_to_reverse_digit_strings() -> None:
     hyps = greedy_search(model, src, DecodeConfig(beam=1, max_len_a=1.0, max_len_b=2))
     exact = sum(h[0].tokens == ref for h, ref in zip(hyps, refs)) / len(refs)
     assert exact >= 0.95, exact
+
+
+def test_in_place_cache_reorder_equals_index_select() -> None:
+    """Beam back-pointers (rows repeated, dropped, swapped, kept) reorder the self-attention cache in
+    place; the result must equal a plain index_select of the old cache, including rows that are read
+    by one hypothesis and overwritten by another in the same step."""
+    from seq2seq_cli.model import _reorder_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for index in (
+        torch.tensor([0, 0, 1, 3, 2, 5, 5, 4]),  # swaps, repeats, a dropped row (6, 7 unused)
+        torch.arange(8),  # nothing moves
+        torch.tensor([7, 6, 5, 4, 3, 2, 1, 0]),  # every row moves
+        torch.randint(0, 8, (8,), generator=gen),
+    ):
+        kv = (torch.randn(8, 2, 4, 3, generator=gen), torch.randn(8, 2, 4, 3, generator=gen))
+        expected = tuple(t.index_select(0, index) for t in kv)
+        ptrs = [t.data_ptr() for t in kv]
+        out = _reorder_rows(kv, index)
+        assert all(torch.equal(o, e) for o, e in zip(out, expected)), index
+        assert [t.data_ptr() for t in out] == ptrs  # in place: no new buffers
+    kv = (torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2))
+    grown = _reorder_rows(kv, torch.tensor([0, 0, 1, 1, 2, 2]))  # expanding to beams: new buffers
+    assert grown[0].shape[0] == 6 and torch.equal(grown[1], kv[1].index_select(0, torch.tensor([0, 0, 1, 1, 2, 2])))
