@@ -16,7 +16,11 @@ depend on the other lines of its batch (what `translate serve` and `translate de
 int8 (dynamic quantisation) takes one activation scale per tensor, and bf16/fp16 round each
 matmul's output, whose accumulation order depends on the batch's shape: measured on the 15-minute
 Bible model, 4-8 of 200 lines decoded alone differed from the same lines decoded in a batch in
-bf16, none in fp32. bf16 and int8 stay available by name (`--precision bf16`, 1.5x faster where
+bf16, none in fp32 (2026-12-02, 30-minute model: 13 of 150 in bf16, still 8 with the attention
+products in fp32, 0 in fp32). fp32 matmuls are not bitwise row-invariant either (a row's last bits
+depend on how many rows share the call), but those differences stay at fp32 rounding size; a bf16
+cast or an int8 quantisation of the next input turns a few of them into one-step rounding flips
+that change beam decisions. bf16 and int8 stay available by name (`--precision bf16`, 1.5x faster where
 native). Training has no such contract and uses bf16 where native. "Native" needs both
 the instructions (torch's CPU probes) and oneDNN agreeing to use them: `ONEDNN_MAX_CPU_ISA=AVX2`
 on a bf16 machine makes it behave, and be detected, as a machine without native bf16.
