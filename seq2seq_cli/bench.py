@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,13 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from .memory import peak_rss_mib
+
 __all__ = ["run_bench", "bench_part", "DECODE_RUNS"]
 
 DECODE_RUNS = ((1, "fp32"), (5, "fp32"), (5, "bf16"), (5, "int8"))  # (beam, precision)
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _matmul(n: int = 2048, reps: int = 10) -> dict[str, float]:
@@ -121,7 +118,7 @@ def _train_part(
         "windows": len(windows),
         **flops,
         "model_gflops": tps * flops["flops_per_token"] / 1e9,
-        "peak_rss_mib": _rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
@@ -147,7 +144,7 @@ def _decode_part(
         "seconds": elapsed,
         "sent_per_s": len(text) / elapsed,
         "tgt_tokens_per_s": tokens / elapsed,
-        "peak_rss_mib": _rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
     }
     if ref:
         refs = Path(ref).read_text(encoding="utf-8").splitlines()[:lines]
@@ -161,7 +158,7 @@ def bench_part(part: str, args: list[str]) -> dict[str, Any]:
     if part == "machine":
         return machine()
     if part == "matmul":
-        return {**_matmul(), "peak_rss_mib": _rss_mib()}
+        return {**_matmul(), "peak_rss_mib": peak_rss_mib()}
     if part == "train":
         return _train_part(
             args[0], json.loads(args[1]), int(args[2]), int(args[3]), float(args[4]) if len(args) > 4 else 0.0
