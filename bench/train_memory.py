@@ -36,6 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from seq2seq_cli.bench import machine
+    from seq2seq_cli.memory import release_free_heap
     from seq2seq_cli.pipeline import run_tokenizer
     from seq2seq_cli.recipe import load_recipe
     from seq2seq_cli.train import Trainer
@@ -56,9 +57,7 @@ def main() -> None:
         _, _, tgt, src = trainer._update(group)
         tokens += tgt + src
         if args.trim_every and i % args.trim_every == 0:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            release_free_heap()
         if i % 10 == 0:
             ru = resource.getrusage(resource.RUSAGE_SELF)
             print(
