@@ -186,10 +186,12 @@ def _cache_write(cache: Optional[tuple[Tensor, Tensor]], k: Tensor, v: Tensor, p
     if cache is None or cache[0].size(2) < cap:
         n, h, _, d = k.shape
         dtype = stored_dtype(k)
-        grown = (k.new_zeros(n, h, cap, d, dtype=dtype), v.new_zeros(n, h, cap, d, dtype=dtype))
-        if cache is not None:
-            for new, old in zip(grown, cache):
-                new[:, :, : old.size(2)] = old
+        grown = (k.new_empty(n, h, cap, d, dtype=dtype), v.new_empty(n, h, cap, d, dtype=dtype))
+        kept = 0 if cache is None else cache[0].size(2)
+        for i, new in enumerate(grown):
+            if cache is not None:
+                new[:, :, :kept] = cache[i]
+            new[:, :, kept:].zero_()  # masked slots must be finite: 0 * NaN is NaN
         cache = grown
     cache[0][:, :, pos] = k[:, :, 0]
     cache[1][:, :, pos] = v[:, :, 0]
@@ -263,24 +265,28 @@ class DecoderLayer(nn.Module):
 
 
 def _reorder_rows(kv: tuple[Tensor, Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows `index` of the cache buffers kv, each (N, H, C, Dh).
+    """Rows `index` of the key/value buffers kv, each (N, H, C, Dh) (self-attention caches, or the
+    cross-attention K/V of the sources).
 
-    A reordering (N rows in, N out: a beam step's back-pointers) is done in place and moves only
-    the rows whose source differs from themselves: most hypotheses extend their own row, so this
-    copies a fraction of the cache where index_select copies all of it into new buffers every step
-    (measured: the copy was ~19% of fp32 decoding time). The rows to move are gathered first, so a
-    row that is both read and overwritten is read before it is written. Other selections (expand to
-    beams, drop finished rows) return new buffers; either way the caller's old state is consumed.
+    A selection of at most N rows (a beam step's back-pointers, or dropping finished sentences) is
+    done in place: only rows whose source differs from themselves are copied, and the result is the
+    first len(index) rows of the same buffers. Search keeps most rows in place (beams stay in their
+    slots, the last sentences fill the holes of finished ones: search._keep_own_slots, _fill_holes),
+    so this copies a fraction of the cache where index_select copied all of it into new buffers at
+    every step (~19% of fp32 decoding time). The rows to move are gathered first, so a row that is
+    both read and overwritten is read before it is written.
+    Expansions (more rows out than in: one row per beam) return new buffers; either way the
+    caller's old state is consumed.
     """
-    n = kv[0].size(0)
-    if index.numel() != n:
+    n, m = kv[0].size(0), index.numel()
+    if m > n:
         return kv[0].index_select(0, index), kv[1].index_select(0, index)
-    moved = (index != torch.arange(n, device=index.device)).nonzero().squeeze(1)
+    moved = (index != torch.arange(m, device=index.device)).nonzero().squeeze(1)
     if moved.numel():
         src = index.index_select(0, moved)
         for t in kv:
             t.index_copy_(0, moved, t.index_select(0, src))
-    return kv
+    return kv[0][:m], kv[1][:m]
 
 
 @dataclass
@@ -310,18 +316,16 @@ class DecoderState:
     def select(self, index: Tensor) -> "DecoderState":
         """Rows `index` of the state (reorder after beam back-pointers, expand to beams, drop rows).
 
-        The self-attention caches are reordered in place when the row count stays (see _reorder_rows:
-        this state is consumed), else copied row by row. The cross-attention K/V stay shared when
-        the selected rows come in equal runs of one source each, in increasing source order (what
-        beam search and greedy search produce); they are only subset when sources drop out, and
-        expanded to one copy per row otherwise.
+        Selections of at most as many rows are done in place (see _reorder_rows: this state is
+        consumed), expansions copy. The cross-attention K/V stay shared when the selected rows come
+        in equal runs of one source each (what beam search and greedy search produce); they follow
+        the sources' order and subset when sources drop out, and expand to one copy per row otherwise.
         """
-        pick = lambda kv, i: (kv[0].index_select(0, i), kv[1].index_select(0, i))  # noqa: E731
         self_kv = [None if kv is None else _reorder_rows(kv, index) for kv in self.self_kv]
         sources = torch.div(index, self.group, rounding_mode="floor")  # (rows',)
         used, counts = torch.unique_consecutive(sources, return_counts=True)
         group = int(counts[0]) if counts.numel() else 1
-        shared = bool((counts == group).all()) and (used.numel() < 2 or bool((used[1:] > used[:-1]).all()))
+        shared = bool((counts == group).all())
         if not shared:
             used, group = sources, 1
         if used.numel() == self.memory_mask.size(0) and bool(
@@ -329,7 +333,7 @@ class DecoderState:
         ):
             cross, mask = self.cross_kv, self.memory_mask  # the same sources: nothing to copy
         else:
-            cross, mask = [pick(kv, used) for kv in self.cross_kv], self.memory_mask.index_select(0, used)
+            cross, mask = [_reorder_rows(kv, used) for kv in self.cross_kv], self.memory_mask.index_select(0, used)
         return DecoderState(cross, mask, self_kv, self.step, group)
 
 
@@ -425,7 +429,9 @@ class Seq2SeqTransformer(nn.Module):
 
     def start_from(self, memory: Tensor, src_mask: Tensor) -> DecoderState:
         dtype = stored_dtype(memory)
-        cross = [tuple(t.to(dtype) for t in layer.cross_attn.keys_values(memory)) for layer in self.decoder]
+        # contiguous: as views of the fused K/V projection, every step's attention matmuls copied
+        # them (~10% of fp32 decoding time) and dropping finished sentences gathered them slowly
+        cross = [tuple(t.to(dtype).contiguous() for t in a.cross_attn.keys_values(memory)) for a in self.decoder]
         return DecoderState(cross, src_mask, [None] * len(self.decoder), 0)
 
     def start(self, src: Tensor) -> DecoderState:

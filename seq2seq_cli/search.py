@@ -256,6 +256,18 @@ def _best_first(finished: list[list[Hypothesis]], n: int) -> list[list[Hypothesi
 # ------------------------------------------------------------------ greedy and sampling
 
 
+def _fill_holes(keep: Tensor) -> Tensor:
+    """Indices of the True entries of `keep` (n,), m of them, in the order that moves the fewest:
+    each kept entry among the first m stays where it is and the kept entries after position m fill
+    the holes left by dropped ones. Dropping finished sentences this way copies only the decoder
+    state of the sentences that move into holes, where keeping the order shifts every row after
+    the first hole (and sentences end mostly one at a time)."""
+    m = int(keep.sum())
+    order = torch.arange(m, device=keep.device)
+    order[~keep[:m]] = keep[m:].nonzero().squeeze(1) + m
+    return order
+
+
 def _decode_paths(
     model: Seq2SeqDecoder,
     src: Tensor,
@@ -286,7 +298,7 @@ def _decode_paths(
         )
         for s, hyp in zip(sent[done].tolist(), hyps):
             finished[s].append(hyp)
-        keep = (~done).nonzero().squeeze(1)
+        keep = _fill_holes(~done)
         history = torch.cat([history, tok[:, None]], 1)[keep]
         sent, max_len, sum_lp, state = sent[keep], max_len[keep], sum_lp[keep], state.select(keep)
         coverage = None if coverage is None else coverage[keep]
@@ -381,10 +393,14 @@ def _expand(beams: _Beams, log_probs: Tensor, k: int) -> tuple[Tensor, Tensor, T
     2k guarantees k non-EOS candidates, since at most one per beam row is EOS.
     """
     a, v = beams.sent.numel(), log_probs.size(1)
-    total = (beams.scores[:, None] + log_probs).view(a, k * v)  # (A, k*V)
-    top, index = total.topk(min(2 * k, k * v), dim=1)  # (A, 2k)
-    rows = torch.arange(a, device=top.device)[:, None] * k + torch.div(index, v, rounding_mode="floor")
-    return top, rows, index % v
+    w = min(2 * k, v)
+    # a sentence's best 2k of k*V are among its rows' own best 2k: rank each row's V first (no
+    # (A*k, V) sum is built), then the k*2k survivors per sentence
+    row_top, row_tok = log_probs.topk(w, dim=1)  # (A*k, w)
+    total = (beams.scores[:, None] + row_top).view(a, k * w)
+    top, index = total.topk(min(2 * k, k * w), dim=1)  # (A, 2k)
+    rows = torch.arange(a, device=top.device)[:, None] * k + torch.div(index, w, rounding_mode="floor")
+    return top, rows, row_tok.view(a, k * w).gather(1, index)
 
 
 def _collect_finished(
@@ -408,12 +424,35 @@ def _collect_finished(
         finished[s].append(hyp)
 
 
+def _keep_own_slots(rows: Tensor, k: int) -> Tensor:
+    """A permutation (A, k) of each sentence's k new beams (given best first as their source rows
+    `rows`, (A, k) into the A*k rows) that puts the first child of every surviving row back in that
+    row's own slot; the other children fill the freed slots in rank order.
+
+    The order of a sentence's beams carries no meaning (finished hypotheses are ranked by score),
+    but it decides how much of the decoder state moves: with rank order ~60% of the rows changed
+    place at every step (measured, beam 5), with own slots only the extra children of a row move
+    (~23%), and the self-attention caches are reordered in place (model._reorder_rows).
+    """
+    a = rows.size(0)
+    slots = torch.arange(k, device=rows.device)
+    parent = rows - torch.arange(a, device=rows.device)[:, None] * k  # (A, k) in 0..k-1
+    earlier_same = (parent[:, :, None] == parent[:, None, :]) & (slots[None, :] < slots[:, None])[None]
+    first = ~earlier_same.any(2)  # (A, k): the best child of its parent
+    taken = (parent[:, :, None] == slots).any(1)  # (A, k): slot s has a child of row s
+    free = (taken.long() * k + slots).argsort(1)  # free slots first, ascending
+    nth_other = ((~first).long().cumsum(1) - 1).clamp(min=0)
+    slot = torch.where(first, parent, free.gather(1, nth_other))  # (A, k) where each candidate goes
+    return torch.empty_like(slot).scatter_(1, slot, slots.expand(a, k))
+
+
 def _advance(beams: _Beams, cand: tuple[Tensor, Tensor, Tensor], k: int, eos: int) -> _Beams:
     """The k best candidates that do not end in EOS become the new beams; the decoder state,
     history and coverage follow their back-pointers."""
     top, rows, toks = cand  # (A, 2k)
     n = top.size(1)
     order = (toks.eq(eos).long() * n + torch.arange(n, device=top.device)).argsort(dim=1)[:, :k]  # (A, k)
+    order = order.gather(1, _keep_own_slots(rows.gather(1, order), k))
     rows, toks = rows.gather(1, order).view(-1), toks.gather(1, order).view(-1)  # (A*k,)
     coverage = None if beams.coverage is None else beams.coverage[rows]
     history = torch.cat([beams.history[rows], toks[:, None]], 1)  # (A*k, t+1)
@@ -453,7 +492,7 @@ def _drop_done(beams: _Beams, finished: list[list[Hypothesis]], opts: DecodeConf
         done |= torch.tensor([len(finished[s]) >= k for s in sent], device=done.device)
     if not bool(done.any()):
         return beams
-    keep = (~done).nonzero().squeeze(1)  # (A',)
+    keep = _fill_holes(~done)  # (A',)
     rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)  # (A'*k,)
     coverage = None if beams.coverage is None else beams.coverage[rows]
     cons = None if beams.cons is None else beams.cons.select(rows)

@@ -454,7 +454,8 @@ def test_state_select_before_first_step() -> None:
     [
         ([1, 0, 5, 4], True),  # reorder within sentences, drop sentence 1: K/V subset, still shared
         ([1, 0, 3, 2, 5, 4], True),  # every sentence, reordered within: K/V not even copied
-        ([4, 1, 0], False),  # decreasing sources: falls back to one K/V copy per row
+        ([4, 5, 0, 1], True),  # sentence 2 moved into sentence 0's place (a filled hole): still shared
+        ([4, 1, 0], False),  # unequal runs (one row of sentence 2, two of 0): one K/V copy per row
         ([0, 0, 1, 2, 4], False),  # unequal runs per source: falls back too
     ],
 )
@@ -568,6 +569,15 @@ def test_in_place_cache_reorder_equals_index_select() -> None:
         out = _reorder_rows(kv, index)
         assert all(torch.equal(o, e) for o, e in zip(out, expected)), index
         assert [t.data_ptr() for t in out] == ptrs  # in place: no new buffers
+    for index in (torch.tensor([0, 2, 3]), torch.tensor([3, 1]), torch.tensor([], dtype=torch.long)):
+        kv = (torch.randn(4, 2, 3, 2, generator=gen), torch.randn(4, 2, 3, 2, generator=gen))
+        expected = tuple(t.index_select(0, index) for t in kv)
+        ptrs = [t.data_ptr() for t in kv]
+        out = _reorder_rows(kv, index)  # fewer rows (finished sentences dropped): compacted in place
+        assert all(torch.equal(o, e) for o, e in zip(out, expected)), index
+        assert all(o.is_contiguous() for o in out)
+        if index.numel():
+            assert [t.data_ptr() for t in out] == ptrs
     kv = (torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2))
     grown = _reorder_rows(kv, torch.tensor([0, 0, 1, 1, 2, 2]))  # expanding to beams: new buffers
     assert grown[0].shape[0] == 6 and torch.equal(grown[1], kv[1].index_select(0, torch.tensor([0, 0, 1, 1, 2, 2])))

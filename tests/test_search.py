@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seq2seq_cli.model import build_model
-from seq2seq_cli.penalties import COVERAGE_FLOOR, rescore
+from seq2seq_cli.penalties import COVERAGE_FLOOR, length_penalty, rescore
 from seq2seq_cli.recipe import DecodeConfig, ModelConfig, RecipeError, resolve_decode
 from seq2seq_cli.search import Ensemble, Hypothesis, beam_search, greedy_search, sample, search, top_k_top_p_filter
 
@@ -409,3 +409,91 @@ def test_ensemble_rejects_mismatched_special_ids(transformer):
     other = build_model(transformer.cfg, 40, 40, 0, 1, 3)
     with pytest.raises(ValueError, match="ids"):
         Ensemble([transformer, other])
+
+
+def _reference_beam(model, src_row: torch.Tensor, o: DecodeConfig) -> list[tuple[list[int], float]]:
+    """Beam search written as plainly as possible, for one sentence: every open hypothesis is
+    re-scored by a full teacher-forced forward pass (no cache, no batching, no reordering), the 2k
+    best of its k*V continuations are ranked in Python, an EOS among the first k finishes (scored
+    log P / lp(|Y|), |Y| counting EOS), the k best others stay open; only EOS at max_len; stop at
+    k finished. Returns (tokens, score) of every finished hypothesis, best first."""
+    k, eos = o.beam, model.eos_id
+    max_len = min(int(o.max_len_a * int(src_row.ne(PAD).sum()) + o.max_len_b), model.cfg.max_positions - 1)
+    beams: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    t = 0
+    while beams and len(finished) < k and t <= max_len:
+        cands = []
+        for toks, score in beams:
+            with torch.no_grad():
+                lp = model(src_row, torch.tensor([[model.bos_id] + toks])).float().log_softmax(-1)[0, -1]
+            lp[model.pad_id] = lp[model.bos_id] = -math.inf
+            if t >= max_len:
+                lp = torch.where(torch.arange(lp.numel()) == eos, lp, torch.tensor(-math.inf))
+            cands += [(score + float(x), toks, v) for v, x in enumerate(lp.tolist())]
+        cands.sort(key=lambda c: -c[0])
+        beams = []
+        for rank, (score, toks, v) in enumerate(cands[: 2 * k]):
+            if score == -math.inf:
+                break
+            if v == eos:
+                if rank < k:
+                    lp_y = float(length_penalty(torch.tensor(float(len(toks) + 1)), o.alpha, o.length_penalty))
+                    finished.append((toks, score / lp_y))
+            elif len(beams) < k:
+                beams.append((toks + [v], score))
+        t += 1
+    return sorted(finished, key=lambda h: -h[1])
+
+
+@pytest.mark.parametrize("kw", [dict(beam=4, n_best=2), dict(beam=3, alpha=0.0), dict(beam=5, length_penalty="power")])
+def test_beam_search_equals_a_plain_reference(transformer, batch, kw):
+    """The batched search (beams kept in their own slots, caches reordered and compacted in place,
+    finished sentences' holes filled from the end, each row's top 2k ranked first) must find
+    exactly what the plain per-sentence reference finds, with the same scores."""
+    src, lengths = batch
+    o = real_opts(**kw)
+    got = beam_search(transformer, src, o)
+    for i, n in enumerate(lengths):
+        ref = _reference_beam(transformer, src[i : i + 1, :n], o)[: o.n_best]
+        assert [h.tokens for h in got[i]] == [toks for toks, _ in ref], i
+        for h, (_, score) in zip(got[i], ref):
+            assert h.score == pytest.approx(score, abs=1e-4)
+
+
+def test_keep_own_slots_puts_each_rows_best_child_back_in_its_slot():
+    """Hand-worked: sentence 0 (rows 0-3) keeps children of rows 2, 2, 0, 3 (best first); row 2's
+    best child and the children of rows 0 and 3 stay in their slots, row 2's second child takes
+    the freed slot 1. Sentence 1 (rows 4-7): all four children of row 4, which keep rank order."""
+    from seq2seq_cli.search import _keep_own_slots
+
+    rows = torch.tensor([[2, 2, 0, 3], [4, 4, 4, 4]])
+    perm = _keep_own_slots(rows, 4)
+    assert perm.tolist() == [[2, 1, 0, 3], [0, 1, 2, 3]]
+    placed = rows.gather(1, perm)
+    assert placed.tolist() == [[0, 2, 2, 3], [4, 4, 4, 4]]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):  # any back-pointers: a permutation, and no surviving row leaves its slot
+        k, a = 5, 7
+        rows = torch.arange(a)[:, None] * k + torch.randint(0, k, (a, k), generator=gen)
+        perm = _keep_own_slots(rows, k)
+        assert torch.equal(perm.sort(1).values, torch.arange(k).expand(a, k))
+        placed = rows.gather(1, perm).view(-1)
+        survivors = set(rows.view(-1).tolist())
+        assert all(placed[r] == r for r in survivors)
+        assert int((placed != torch.arange(a * k)).sum()) == a * k - len(survivors)  # only extra children move
+
+
+def test_fill_holes_moves_only_the_tail_into_the_holes():
+    from seq2seq_cli.search import _fill_holes
+
+    keep = torch.tensor([True, False, True, False, True, True, False])
+    assert _fill_holes(keep).tolist() == [0, 4, 2, 5]
+    assert _fill_holes(torch.tensor([True, True])).tolist() == [0, 1]
+    assert _fill_holes(torch.tensor([False, False])).tolist() == []
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(50):
+        keep = torch.rand(9, generator=gen) < 0.5
+        order = _fill_holes(keep)
+        assert sorted(order.tolist()) == keep.nonzero().squeeze(1).tolist()
+        assert all(order[i] == i for i in range(order.numel()) if keep[i])
