@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-CONFIGS = ("translate-fp32", "translate-bf16", "translate-int8", "ct2-float32", "ct2-int8")
+CONFIGS = ("translate-fp32", "translate-bf16-matmul", "translate-bf16", "translate-int8", "ct2-float32", "ct2-int8")
 
 
 def cpu_info() -> dict[str, Any]:
@@ -55,7 +55,7 @@ def child(kind: str, ckpt: str, export_dir: str, src: list[str], threads: int, b
         from seq2seq_cli.translate import Translator
 
         torch.set_num_threads(threads)
-        tr = Translator([Path(ckpt)], "cpu", threads, {"precision": kind.split("-")[1]})
+        tr = Translator([Path(ckpt)], "cpu", threads, {"precision": kind.split("-", 1)[1]})
         opts = tr.options(beam=beam, n_best=1, length_penalty="power", beta=0.0)
         tr.translate_window(src[:16], opts)
         tr.stats.target_tokens = 0
@@ -63,7 +63,7 @@ def child(kind: str, ckpt: str, export_dir: str, src: list[str], threads: int, b
         hyps = tr.translate_window(src, opts)
         seconds = time.perf_counter() - t0
         out = [tr.detok(h[0]) if h else "" for h in hyps]
-        tokens, extra = tr.stats.target_tokens, {"workers": tr.workers}
+        tokens, extra = tr.stats.target_tokens, {"workers": tr.workers, "precision": tr.precision}
     else:
         from seq2seq_cli.ct2_backend import CT2Translator
 

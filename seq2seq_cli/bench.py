@@ -7,7 +7,7 @@ Each part runs in its own child process so that its peak RSS is its own:
            encoder, a target token the decoder and the softmax; embeddings are lookups) and
            MFU = tokens/s x FLOPs/token / matmul peak of the training precision;
   decode   greedy and beam-5 target tokens/s, sentences/s and BLEU/chrF on the first `lines` test
-           lines with the recipe's decode.batch_tokens, beam 5 in fp32, bf16 and int8;
+           lines with the recipe's decode.batch_tokens, beam 5 in fp32, bf16-matmul, bf16 and int8;
   startup  wall time from process start to the first translated line through stdin.
 Public names: run_bench, bench_part.
 """
@@ -28,7 +28,7 @@ from .memory import peak_rss_mib
 
 __all__ = ["run_bench", "bench_part", "DECODE_RUNS"]
 
-DECODE_RUNS = ((1, "fp32"), (5, "fp32"), (5, "bf16"), (5, "int8"))  # (beam, precision)
+DECODE_RUNS = ((1, "fp32"), (5, "fp32"), (5, "bf16-matmul"), (5, "bf16"), (5, "int8"))  # (beam, precision)
 
 
 def _matmul(n: int = 2048, reps: int = 10) -> dict[str, float]:
@@ -138,6 +138,7 @@ def _decode_part(
     out = {
         "beam": beam,
         "precision": precision,
+        "precision_used": translator.precision,  # bf16-matmul falls back to fp32 where not row-invariant
         "workers": translator.workers,
         "sentences": len(text),
         "target_tokens": tokens,
@@ -240,7 +241,7 @@ def run_bench(
     ckpt = checkpoint or recipe.output_dir / "checkpoints" / "best.pt"
     if ckpt.exists() and recipe.data.test is not None and recipe.data.test.src is not None:
         ref = str(recipe.data.test.tgt or "")
-        runs = [(b, p) for b, p in DECODE_RUNS if p != "bf16" or result["machine"]["native_bf16"]]
+        runs = [(b, p) for b, p in DECODE_RUNS if not p.startswith("bf16") or result["machine"]["native_bf16"]]
         result["skipped"] = [
             f"decode beam {b} {p}: bf16 is emulated on this CPU" for b, p in DECODE_RUNS if (b, p) not in runs
         ]

@@ -213,8 +213,8 @@ def decode(
     precision: Annotated[
         Optional[str],
         typer.Option(
-            help="auto (bf16 where native, else fp32), fp32, bf16, fp16 "
-            "(autocast) or int8 (quantised linear layers, CPU)"
+            help="auto (bf16-matmul where bf16 is native, else fp32), fp32, bf16-matmul (bf16 products, "
+            "fp32 results; batch-invariant, CPU), bf16, fp16 (autocast) or int8 (quantised linear layers, CPU)"
         ),
     ] = None,
     workers: Annotated[
@@ -650,7 +650,9 @@ def serve(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all cores)")] = 0,
-    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or int8 (default: checkpoint)")] = None,
+    precision: Annotated[
+        Optional[str], typer.Option(help="auto, fp32, bf16-matmul, bf16 or int8 (default: checkpoint)")
+    ] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="batches searched at once per model")] = None,
     access_log: Annotated[bool, typer.Option(help="log one line per request")] = True,
 ) -> None:

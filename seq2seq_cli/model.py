@@ -11,7 +11,8 @@ Search sees the model only through two methods:
 `DecoderState.select(index)` reorders or expands rows (beam search back-pointers).
 
 This room does not read files, recipes (beyond ModelConfig), data or checkpoints.
-Public names: Seq2SeqTransformer, DecoderState, MultiHeadAttention, sinusoidal_positions, build_model.
+Public names: Seq2SeqTransformer, DecoderState, MultiHeadAttention, RowStableLinear, sinusoidal_positions,
+build_model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from torch.overrides import TorchFunctionMode
 
 from .recipe import ModelConfig
 
-__all__ = ["Seq2SeqTransformer", "DecoderState", "MultiHeadAttention", "sinusoidal_positions", "build_model"]
+__all__ = [
+    "Seq2SeqTransformer",
+    "DecoderState",
+    "MultiHeadAttention",
+    "RowStableLinear",
+    "sinusoidal_positions",
+    "build_model",
+]
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
@@ -43,16 +51,41 @@ def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
     return pe.float()
 
 
+class RowStableLinear(nn.Linear):
+    """nn.Linear whose product always takes oneDNN's path, so that each row's result is the same
+    bits whatever the number of rows. torch sends an fp32 product with bf16 fpmath to oneDNN only
+    when it has at least 2 rows and rows x in_features > 256 (measured, torch 2.13: in 256 -> 2
+    rows, 64 -> 5, 32 -> 9); smaller ones run as plain fp32 (MKL), whose last bits differ from the
+    same rows inside a larger product. Fewer rows are padded with copies of the first. Decoding
+    with bf16 matmuls swaps it in (translate.py); a real model needs it only for a lone row."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.size(-1)
+        need = max(2, 256 // self.in_features + 1)
+        if rows >= need:
+            return super().forward(x)
+        flat = x.reshape(rows, -1)
+        padded = torch.cat([flat, flat[:1].expand(need - rows, -1)])
+        return super().forward(padded)[:rows].reshape(*x.shape[:-1], -1)
+
+
 class MultiHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d_k) + mask) V over n_heads heads, through SDPA.
 
     With `need_weights=True` the probabilities are computed explicitly and returned averaged
     over heads, shape (batch, tgt_len, src_len); the output is the same either way.
+
+    `kv_dtype` (None unless decoding with bf16 matmuls sets it): at inference the two products
+    Q K^T and P V take their inputs in this dtype, with fp32 accumulation, and everything else
+    stays fp32; the keys/values are stored in it. The explicit path is used then for every
+    query length: unlike the fused SDPA kernel, its bf16 products agree bitwise whatever the
+    padding and the number of rows (measured), which batch-invariant decoding needs.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
+        self.kv_dtype: Optional[torch.dtype] = None
         self.q_proj = nn.Linear(d_model, d_model)
         self.kv_proj = nn.Linear(d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
@@ -82,10 +115,11 @@ class MultiHeadAttention(nn.Module):
         qh = self.split_heads(self.q_proj(q))  # (B, H, T, Dh)
         p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or (not self.training and t <= 16):
+        if need_weights or (not self.training and (t <= 16 or self.kv_dtype is not None)):
             # explicit softmax(QK^T/sqrt(d))V: also the fast path for the few queries of a decoding
             # step, where the fused kernel's set-up costs more than the work (measured 1.5-2.5x)
-            scores = qh @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, H, T, S)
+            mm = self.kv_dtype or qh.dtype  # the products' input dtype
+            scores = (qh.to(mm) @ k.to(mm).transpose(-2, -1)).to(qh.dtype) / math.sqrt(self.d_head)  # (B, H, T, S)
             if causal:
                 s = k.size(-2)
                 scores = scores.masked_fill(
@@ -93,11 +127,11 @@ class MultiHeadAttention(nn.Module):
                 )
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            probs = scores.float().softmax(-1).nan_to_num(0.0).to(qh.dtype)  # all-masked rows → 0
+            probs = scores.float().softmax(-1).nan_to_num(0.0).to(mm)  # all-masked rows → 0
             weights = None  # (B, T, S) heads averaged, or (B, H, T, S)
             if need_weights:
                 weights = probs.mean(dim=1) if average_heads else probs
-            ctx = (F.dropout(probs, p, self.training) @ v).to(qh.dtype)  # autocast may have made it bf16
+            ctx = (F.dropout(probs, p, self.training) @ v.to(mm)).to(qh.dtype)  # autocast may have made it bf16
         else:
             if causal and k.size(-2) != t:  # new positions after a cache: align the causal mask bottom-right
                 s = k.size(-2)
@@ -159,6 +193,7 @@ class EncoderLayer(nn.Module):
 
 
 CACHE_BLOCK = 16
+KEY_BLOCK = 32  # source padding unit under bf16 attention products (see Seq2SeqTransformer.start)
 
 
 def cache_capacity(pos: int) -> int:
@@ -166,14 +201,19 @@ def cache_capacity(pos: int) -> int:
     return (pos // CACHE_BLOCK + 1) * CACHE_BLOCK
 
 
-def stored_dtype(x: Tensor) -> torch.dtype:
-    """The dtype to keep keys/values in across decoding steps: autocast's when it is on (so no step
-    casts the whole cache again; int8 decoding gets bf16 caches this way), else x's own."""
+def stored_dtype(x: Tensor, kv_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype to keep keys/values in across decoding steps: the attention's kv_dtype when set,
+    else autocast's when it is on (so no step casts the whole cache again; int8 decoding gets bf16
+    caches this way), else x's own."""
     kind = x.device.type
+    if kv_dtype is not None:
+        return kv_dtype
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def _cache_write(cache: Optional[tuple[Tensor, Tensor]], k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+def _cache_write(
+    cache: Optional[tuple[Tensor, Tensor]], k: Tensor, v: Tensor, pos: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Store k, v (N, H, 1, Dh) at slot `pos` of the cache buffers (dtype: stored_dtype), growing
     them (zero-filled) to cache_capacity(pos) when full.
 
@@ -185,7 +225,6 @@ def _cache_write(cache: Optional[tuple[Tensor, Tensor]], k: Tensor, v: Tensor, p
     cap = cache_capacity(pos)
     if cache is None or cache[0].size(2) < cap:
         n, h, _, d = k.shape
-        dtype = stored_dtype(k)
         grown = (k.new_empty(n, h, cap, d, dtype=dtype), v.new_empty(n, h, cap, d, dtype=dtype))
         kept = 0 if cache is None else cache[0].size(2)
         for i, new in enumerate(grown):
@@ -244,7 +283,7 @@ class DecoderLayer(nn.Module):
         head-averaged cross-attention)."""
         h = self.sub1.inp(x)
         k, v = self.self_attn.keys_values(h)  # (N, H, 1, Dh)
-        cache = _cache_write(cache, k, v, pos)
+        cache = _cache_write(cache, k, v, pos, stored_dtype(k, self.self_attn.kv_dtype))
         visible = torch.arange(cache[0].size(2), device=x.device) <= pos  # (C,)
         x = self.sub1.out(x, self.self_attn.attend(h, *cache, mask=visible)[0])
         x, weights = self._cross_and_ffn(x, cross_kv, src_mask, need_weights, group)
@@ -428,14 +467,27 @@ class Seq2SeqTransformer(nn.Module):
         return torch.stack(maps)
 
     def start_from(self, memory: Tensor, src_mask: Tensor) -> DecoderState:
-        dtype = stored_dtype(memory)
         # contiguous: as views of the fused K/V projection, every step's attention matmuls copied
         # them (~10% of fp32 decoding time) and dropping finished sentences gathered them slowly
-        cross = [tuple(t.to(dtype).contiguous() for t in a.cross_attn.keys_values(memory)) for a in self.decoder]
+        cross = [
+            tuple(
+                t.to(stored_dtype(memory, a.cross_attn.kv_dtype)).contiguous() for t in a.cross_attn.keys_values(memory)
+            )
+            for a in self.decoder
+        ]
         return DecoderState(cross, src_mask, [None] * len(self.decoder), 0)
 
     def start(self, src: Tensor) -> DecoderState:
-        """Encode src (B, S) and precompute every layer's cross-attention keys/values."""
+        """Encode src (B, S) and precompute every layer's cross-attention keys/values.
+
+        With bf16 attention products (MultiHeadAttention.kv_dtype) the source is first padded to a
+        multiple of KEY_BLOCK positions: oneDNN's bf16 products sum over the keys in blocks, and
+        agree bitwise across paddings only when every length is a whole number of blocks
+        (measured: key lengths padded to multiples of 2, 8 or 16 still gave differing rows; 32
+        none, for 1-511 keys padded by up to 600). So a sentence alone and the same sentence in a
+        longer batch get the same numbers."""
+        if self.decoder[0].cross_attn.kv_dtype is not None and src.size(1) % KEY_BLOCK:
+            src = F.pad(src, (0, KEY_BLOCK - src.size(1) % KEY_BLOCK), value=self.pad_id)
         return self.start_from(*self.encode(src))
 
     def step(

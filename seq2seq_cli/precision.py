@@ -1,49 +1,60 @@
 """Which number format to compute in, chosen by what the machine does natively.
 
 `precision: auto` (the default of `train.precision`, `decode.precision` and `--precision`) resolves
-once per process to the fastest precision that is native on the device in use:
+once per process to the fastest precision that is native on the device in use and, for decoding,
+batch-invariant:
 
   device                                   train                   decode
-  CPU with native bf16 (AVX512_BF16/AMX,   bf16                    fp32
+  CPU with native bf16 (AVX512_BF16/AMX,   bf16                    bf16-matmul
   or ARM's BF16 extension)
   other CPUs (e.g. AVX2 only)              fp32                    fp32
   CUDA, compute capability >= 8.0          bf16                    fp32
   older CUDA                               fp16 (+ loss scaling)   fp32
 
-On a CPU without native bf16, oneDNN emulates bf16 matmuls about 50x slower than fp32. Decoding
-under `auto` is fp32 everywhere because only fp32 is batch-invariant: a line's translation must not
-depend on the other lines of its batch (what `translate serve` and `translate decode` promise).
-int8 (dynamic quantisation) takes one activation scale per tensor, and bf16/fp16 round each
-matmul's output, whose accumulation order depends on the batch's shape: measured on the 15-minute
-Bible model, 4-8 of 200 lines decoded alone differed from the same lines decoded in a batch in
-bf16, none in fp32 (2026-12-02, 30-minute model: 13 of 150 in bf16, still 8 with the attention
-products in fp32, 0 in fp32). fp32 matmuls are not bitwise row-invariant either (a row's last bits
-depend on how many rows share the call), but those differences stay at fp32 rounding size; a bf16
-cast or an int8 quantisation of the next input turns a few of them into one-step rounding flips
-that change beam decisions. bf16 and int8 stay available by name (`--precision bf16`, 1.5x faster where
-native). Training has no such contract and uses bf16 where native. "Native" needs both
-the instructions (torch's CPU probes) and oneDNN agreeing to use them: `ONEDNN_MAX_CPU_ISA=AVX2`
-on a bf16 machine makes it behave, and be detected, as a machine without native bf16.
+On a CPU without native bf16, oneDNN emulates bf16 matmuls about 50x slower than fp32.
+
+Decoding must be batch-invariant: a line's translation must not depend on the other lines of its
+batch (what `translate serve` and `translate decode` promise). Where that breaks, and why:
+  * bf16 (autocast) and int8 (dynamic quantisation, one activation scale per tensor) are not: 13 of
+    150 lines decoded alone differed from the same lines in a batch in bf16 (30-minute Bible model,
+    2026-12-02). The fused attention kernel's sums depend on the padding, fp32 (MKL) products on how
+    many rows share the call, and a one-row product takes another oneDNN path; each leaves last-bit
+    differences that a bf16 rounding or an int8 quantisation of the next input turns into visible
+    ones, which change beam decisions.
+  * fp32 has the same last-bit differences, but they stay at fp32 rounding size: 0 of 150.
+  * bf16-matmul (decoding, CPU): every matrix product takes bf16 inputs with fp32 accumulation and
+    an fp32 result (oneDNN's bf16 fpmath mode for the linear layers; bf16 keys/values for the
+    attention products), everything between products (residual stream, LayerNorm, softmax) stays
+    fp32, attention is computed explicitly (model.MultiHeadAttention.kv_dtype) and a lone row is
+    multiplied as two (model.RowStableLinear). Those bf16 products agree bitwise whatever the
+    padding and the row count, so the only source of differences is gone: 0 of 150, and
+    1.2-1.3x faster than fp32 where bf16 is native. `auto` picks it there.
+bf16 and int8 stay available by name (`--precision bf16`, the fastest where native). Training has no
+such contract and uses bf16 where native. "Native" needs both the instructions (torch's CPU probes)
+and oneDNN agreeing to use them: `ONEDNN_MAX_CPU_ISA=AVX2` on a bf16 machine makes it behave, and be
+detected, as a machine without native bf16.
 
 Recipes and checkpoints keep what was asked for (`auto`), never the resolved choice, so a model
 trained on one machine decodes at the right precision on another.
 
 This room imports nothing of the package. Public names: CpuInfo, cpu_info, native_bf16,
-resolve_precision.
+resolve_precision, bf16_matmuls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import platform
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
-__all__ = ["CpuInfo", "cpu_info", "native_bf16", "resolve_precision"]
+__all__ = ["CpuInfo", "cpu_info", "native_bf16", "resolve_precision", "bf16_matmuls"]
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +141,14 @@ def resolve_precision(
     that would emulate it runs as asked, with a one-time warning.
     """
     if requested == "auto" and purpose == "decode":
-        log.info("precision auto -> fp32 for decoding: the only batch-invariant precision")
-        return "fp32"
+        if device_type == "cpu" and native_bf16():
+            chosen, why = "bf16-matmul", f"CPU has native bf16 ({cpu_info().describe()}), batch-invariant"
+        elif device_type == "cpu":
+            chosen, why = "fp32", f"CPU has no native bf16 ({cpu_info().describe()})"
+        else:
+            chosen, why = "fp32", "the batch-invariant precision on CUDA"
+        log.info("precision auto -> %s for decoding: %s", chosen, why)
+        return chosen
     if requested == "auto":
         if device_type == "cuda":
             chosen, why = (
@@ -145,10 +162,41 @@ def resolve_precision(
             chosen, why = "fp32", f"CPU has no native bf16 ({cpu_info().describe()})"
         log.info("precision auto -> %s for %s: %s", chosen, "training" if purpose == "train" else "decoding", why)
         return chosen
-    if requested == "bf16" and device_type == "cpu" and not native_bf16():
+    if requested in ("bf16", "bf16-matmul") and device_type == "cpu" and not native_bf16():
         log.warning(
-            "precision bf16 on a CPU without native bf16 (%s): bf16 is emulated there, typically "
+            "precision %s on a CPU without native bf16 (%s): bf16 is emulated there, typically "
             "~50x slower than fp32; precision auto would choose fp32",
+            requested,
             cpu_info().describe(),
         )
     return requested
+
+
+_matmul_lock = threading.Lock()
+_matmul_users = 0
+_matmul_before = "none"
+
+
+@contextlib.contextmanager
+def bf16_matmuls() -> Iterator[None]:
+    """While any caller is inside, fp32 matrix products on the CPU take bf16 inputs with fp32
+    accumulation and fp32 results (torch.backends.mkldnn.matmul.fp32_precision = "bf16").
+
+    The setting is process-wide, unlike autocast: decoding workers (threads) enter it together,
+    so it is counted and restored only when the last one leaves; a worker never sees it switched
+    off under it mid-batch.
+    """
+    global _matmul_users, _matmul_before
+    flags = torch.backends.mkldnn.matmul
+    with _matmul_lock:
+        if _matmul_users == 0:
+            _matmul_before = flags.fp32_precision
+            flags.fp32_precision = "bf16"
+        _matmul_users += 1
+    try:
+        yield
+    finally:
+        with _matmul_lock:
+            _matmul_users -= 1
+            if _matmul_users == 0:
+                flags.fp32_precision = _matmul_before

@@ -266,11 +266,12 @@ class DecodeConfig(_Strict):
         description="batches searched at once, one thread each, sharing the CPU threads "
         "(0 = one per thread, at most 4); speed only",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+    precision: Literal["auto", "fp32", "bf16-matmul", "bf16", "fp16", "int8"] = Field(
         "auto",
-        description="auto = bf16 where native (CPU with AVX512_BF16/AMX, CUDA >= 8.0), fp16 on older CUDA, "
-        "else fp32; bf16/fp16 autocast; int8 = dynamically quantised linear layers (CPU, "
-        "not batch-invariant, never chosen by auto)",
+        description="auto = the fastest batch-invariant precision (precision.py): bf16-matmul on CPUs with "
+        "native bf16 (AVX512_BF16/AMX), else fp32; bf16-matmul = matrix products on bf16 inputs, fp32 "
+        "results and everything else fp32 (CPU); bf16/fp16 autocast; int8 = dynamically quantised linear "
+        "layers (CPU); bf16, fp16 and int8 are not batch-invariant and never chosen by auto",
     )
 
     @model_validator(mode="after")

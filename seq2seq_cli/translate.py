@@ -34,7 +34,8 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .data import DataError, clean_line
 from .memory import bound_kernel_caches
-from .precision import native_bf16, resolve_precision
+from .model import MultiHeadAttention, RowStableLinear
+from .precision import bf16_matmuls, native_bf16, resolve_precision
 from .recipe import DecodeConfig, resolve_decode
 from .search import Ensemble, Hypothesis, translate_ids
 from .tokenizer import Tokenizer
@@ -58,7 +59,21 @@ log = logging.getLogger(__name__)
 
 
 def set_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
-    """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy)."""
+    """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy).
+
+    bf16-matmul (see precision.py): the attention products and their stored keys/values in bf16,
+    linear layers that never multiply a lone row; the linear products themselves become bf16 ones
+    inside precision.bf16_matmuls(), which Translator.autocast() enters.
+    """
+    if precision == "bf16-matmul":
+        if device.type != "cpu":
+            raise DataError("precision bf16-matmul is for CPUs: use fp32 or bf16 on a GPU")
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:
+                module.__class__ = RowStableLinear  # same parameters and state dict, another forward
+            elif isinstance(module, MultiHeadAttention):
+                module.kv_dtype = torch.bfloat16
+        return model
     if precision in ("bf16", "fp16"):
         # autocast would cast every weight at every call: cast the matmul weights once instead
         # (LayerNorm keeps fp32; autocast still runs norms, softmax and the residual stream in fp32)
@@ -75,6 +90,47 @@ def set_precision(model: torch.nn.Module, precision: str, device: torch.device) 
         from torch.ao.quantization import quantize_dynamic
 
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def bf16_products_agree(model: torch.nn.Module, beam: int = 5) -> Optional[str]:
+    """None when every product that bf16-matmul decoding of `model` runs gives a row the same bits
+    whatever other rows share the product, on this machine; else what differs.
+
+    oneDNN's kernels depend on the shapes: for this project's models (widths 256-8,000, head size
+    64) a row agrees bitwise at any position in any number of rows, but e.g. a 64 -> 32 product
+    does not (measured). So the claim is checked, on random numbers, for the model's own shapes:
+    each linear layer (a row at several positions among 1-130 rows) and the attention products
+    (a sentence's 32 keys alone and padded to 96 among others, 1, beam and 32 queries).
+    """
+    g = torch.Generator().manual_seed(0)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = {(m.in_features, m.out_features, m.bias is not None) for m in linears}
+    attention = next((m for m in model.modules() if isinstance(m, MultiHeadAttention)), None)
+    with torch.inference_mode(), bf16_matmuls():
+        for d_in, d_out, bias in sorted(shapes):
+            probe = RowStableLinear(d_in, d_out, bias=bias, device="meta").to_empty(device="cpu")
+            for param in probe.parameters():
+                param.copy_(torch.randn(param.shape, generator=g))
+            row = torch.randn(1, d_in, generator=g)
+            alone = probe(row)[0]
+            for rows, pos in ((2, 1), (5, 3), (33, 0), (33, 20), (130, 129)):
+                x = torch.randn(rows, d_in, generator=g)
+                x[pos] = row
+                if not torch.equal(probe(x)[pos], alone):
+                    return f"a {d_in} -> {d_out} product depends on the other rows"
+        if attention is not None:
+            h, d = attention.n_heads, attention.d_head
+            for queries in sorted({1, beam, 32}):
+                q = torch.randn(3, h, queries, d, generator=g).bfloat16()
+                k = torch.zeros(3, h, 96, d, dtype=torch.bfloat16)
+                k[:, :, :32] = torch.randn(3, h, 32, d, generator=g)
+                p = torch.zeros(3, h, queries, 96, dtype=torch.bfloat16)
+                p[..., :32] = torch.rand(3, h, queries, 32, generator=g)
+                scores, ctx = q @ k.transpose(-2, -1), p @ k
+                alone = q[1:2] @ k[1:2, :, :32].transpose(-2, -1), p[1:2, ..., :32] @ k[1:2, :, :32]
+                if not (torch.equal(scores[1:2, ..., :32], alone[0]) and torch.equal(ctx[1:2], alone[1])):
+                    return f"attention products (head size {d}, {queries} queries) depend on the padding"
+    return None
 
 
 @dataclass
@@ -120,6 +176,13 @@ class Translator:
         self.recipe = ckpts[0].recipe
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else (0, 0)
         self.precision = resolve_precision(self.config.precision, self.device.type, "decode", capability)
+        if self.precision == "bf16-matmul" and self.device.type == "cpu":
+            why = bf16_products_agree(loaded[0][0], self.config.beam)
+            if why and self.config.precision == "auto":
+                log.warning("precision auto -> fp32 for decoding after all: with bf16 products %s on this CPU", why)
+                self.precision = "fp32"
+            elif why:
+                log.warning("precision bf16-matmul: not batch-invariant for this model here (%s)", why)
         models = [set_precision(m, self.precision, self.device) for m, _ in loaded]
         self.model = models[0] if len(models) == 1 else Ensemble(models)
         self.max_src = min(m.cfg.max_positions for m in models) - 1
@@ -141,11 +204,13 @@ class Translator:
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for bf16; for int8 too on a CPU with native bf16 (AVX-512 BF16 or AMX),
         where it runs what is not quantised (attention, its caches) in bf16: the quantised
-        linear layers ignore autocast. Else nothing."""
+        linear layers ignore autocast. bf16-matmul: precision.bf16_matmuls(). Else nothing."""
         if self.precision in _HALF:
             return torch.autocast(self.device.type, dtype=_HALF[self.precision])
         if self.precision == "int8" and native_bf16():
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "bf16-matmul":
+            return bf16_matmuls()
         return contextlib.nullcontext()
 
     def options(self, **changes: Any) -> DecodeConfig:

@@ -581,3 +581,40 @@ def test_in_place_cache_reorder_equals_index_select() -> None:
     kv = (torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2))
     grown = _reorder_rows(kv, torch.tensor([0, 0, 1, 1, 2, 2]))  # expanding to beams: new buffers
     assert grown[0].shape[0] == 6 and torch.equal(grown[1], kv[1].index_select(0, torch.tensor([0, 0, 1, 1, 2, 2])))
+
+
+def test_row_stable_linear_equals_linear_and_keeps_shapes() -> None:
+    """The lone-row guard computes one row as two and returns it in the caller's shape."""
+    from seq2seq_cli.model import RowStableLinear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(8, 5)
+    guarded = torch.nn.Linear(8, 5)
+    guarded.load_state_dict(plain.state_dict())
+    guarded.__class__ = RowStableLinear
+    for shape in [(8,), (1, 8), (1, 1, 8), (3, 8), (2, 4, 8)]:
+        x = torch.randn(*shape)
+        out = guarded(x)
+        assert out.shape == (*shape[:-1], 5)
+        assert torch.allclose(out, plain(x), atol=1e-6)
+    assert set(guarded.state_dict()) == {"weight", "bias"}
+
+
+def test_row_stable_linear_gives_a_lone_row_its_bits_from_a_larger_product() -> None:
+    """Under bf16 matmuls a lone row (plain nn.Linear: another kernel) differs in its last bits from
+    the same row among 40; the guarded layer gives it exactly the batched bits."""
+    from seq2seq_cli.model import RowStableLinear
+    from seq2seq_cli.precision import bf16_matmuls, native_bf16
+
+    if not native_bf16():
+        pytest.skip("bf16 is emulated on this CPU")
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(256, 256)
+    guarded = torch.nn.Linear(256, 256)
+    guarded.load_state_dict(plain.state_dict())
+    guarded.__class__ = RowStableLinear
+    rows = torch.randn(40, 256)
+    with torch.no_grad(), bf16_matmuls():
+        batched = plain(rows)
+        assert not all(torch.equal(plain(rows[i : i + 1])[0], batched[i]) for i in range(40))
+        assert all(torch.equal(guarded(rows[i : i + 1])[0], batched[i]) for i in range(40))

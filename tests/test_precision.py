@@ -32,10 +32,39 @@ def test_auto_training_on_cpu_follows_native_bf16(monkeypatch, caplog, native: b
     assert ("has native bf16" if native else "has no native bf16") in lines[0]
 
 
-@pytest.mark.parametrize("device,native", [("cpu", True), ("cpu", False), ("cuda", False)])
-def test_auto_decoding_is_always_the_batch_invariant_fp32(monkeypatch, device: str, native: bool) -> None:
+@pytest.mark.parametrize(
+    "device,native,expected", [("cpu", True, "bf16-matmul"), ("cpu", False, "fp32"), ("cuda", True, "fp32")]
+)
+def test_auto_decoding_picks_a_batch_invariant_precision(monkeypatch, device: str, native: bool, expected: str) -> None:
     monkeypatch.setattr(precision, "native_bf16", lambda: native)
-    assert resolve_precision("auto", device, "decode", (9, 0)) == "fp32"
+    assert resolve_precision("auto", device, "decode", (9, 0)) == expected
+
+
+def test_bf16_matmuls_is_counted_across_threads_and_restored_by_the_last() -> None:
+    """The matmul setting is process-wide: it stays on while any decoding worker is inside, and
+    the value from before comes back when the last one leaves (also after an error)."""
+    import threading
+
+    flags = torch.backends.mkldnn.matmul
+    before = flags.fp32_precision
+    inside, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with precision.bf16_matmuls():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(10)
+    with pytest.raises(RuntimeError):
+        with precision.bf16_matmuls():
+            assert flags.fp32_precision == "bf16"
+            raise RuntimeError("a failing batch")
+    assert flags.fp32_precision == "bf16"  # the other worker is still inside
+    release.set()
+    t.join()
+    assert flags.fp32_precision == before
 
 
 @pytest.mark.parametrize(
@@ -46,7 +75,7 @@ def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, ex
     assert resolve_precision("auto", "cuda", "train", capability) == expected
 
 
-@pytest.mark.parametrize("asked", ["fp32", "bf16", "fp16", "int8"])
+@pytest.mark.parametrize("asked", ["fp32", "bf16-matmul", "bf16", "fp16", "int8"])
 def test_explicit_precisions_are_kept(monkeypatch, asked: str) -> None:
     monkeypatch.setattr(precision, "native_bf16", lambda: True)
     assert resolve_precision(asked, "cpu", "decode") == asked
@@ -85,7 +114,7 @@ def test_onednn_isa_cap_avx2_makes_auto_choose_fp32() -> None:
     assert _probe({"ONEDNN_MAX_CPU_ISA": "AVX2"}) == ["False", "fp32", "fp32", "AVX2"]
     hardware = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     uncapped = _probe({"ONEDNN_MAX_CPU_ISA": ""})  # empty = no cap
-    assert uncapped[:3] == [str(hardware), "bf16" if hardware else "fp32", "fp32"]
+    assert uncapped[:3] == [str(hardware), "bf16" if hardware else "fp32", "bf16-matmul" if hardware else "fp32"]
 
 
 def test_without_a_cap_auto_matches_the_hardware() -> None:

@@ -497,3 +497,69 @@ def test_fill_holes_moves_only_the_tail_into_the_holes():
         order = _fill_holes(keep)
         assert sorted(order.tolist()) == keep.nonzero().squeeze(1).tolist()
         assert all(order[i] == i for i in range(order.numel()) if keep[i])
+
+
+@pytest.fixture(scope="module")
+def wide_transformer():
+    """The default recipe's widths (256, 4 heads of 64, FFN 1024) with one layer each and 512 pieces:
+    shapes whose bf16 products oneDNN computes row by row the same whatever the batch."""
+    torch.manual_seed(2)
+    cfg = ModelConfig(d_model=256, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ff_dim=1024, dropout=0.0)
+    model = build_model(cfg, 512, 512, 0, 2, 3).eval()
+    with torch.no_grad():
+        model.tgt_embed.weight[3] *= 12.0
+    return model
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_bf16_matmul_decoding_is_bitwise_batch_invariant(wide_transformer, beam):
+    """bf16-matmul decoding gives a sentence the same numbers, to the last bit, alone and in a
+    batch with sources of other lengths (1 to 71 pieces: across the 32-key padding blocks), so
+    tokens and scores agree exactly. Without the source padding to whole key blocks, or with a
+    lone-row product, rows differ (measured on the Bible model: 4 of 150 lines)."""
+    import copy
+
+    from seq2seq_cli.precision import bf16_matmuls, native_bf16
+    from seq2seq_cli.translate import bf16_products_agree, set_precision
+
+    if not native_bf16():
+        pytest.skip("bf16 is emulated on this CPU: auto never picks bf16-matmul here")
+    why = bf16_products_agree(wide_transformer, beam)
+    if why:  # then auto decodes in fp32 on this CPU (test_translate checks that fallback)
+        pytest.skip(f"this CPU's bf16 products are not row-invariant for these shapes: {why}")
+    model = set_precision(copy.deepcopy(wide_transformer), "bf16-matmul", torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    lengths = [1, 3, 17, 29, 32, 33, 44, 64, 71]
+    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, 512, (n,), generator=g)
+    o = real_opts(beam=beam, max_len_a=0.5, max_len_b=8)
+    with bf16_matmuls():
+        together = search(model, src, o)
+        alone = [search(model, src[i : i + 1, :n], o)[0] for i, n in enumerate(lengths)]
+    assert tokens_of(together) == tokens_of(alone)
+    assert [h.score for hs in together for h in hs] == [h.score for hs in alone for h in hs]
+    assert len({len(h[0].tokens) for h in together}) > 2  # varied lengths, not all cut at the limit
+
+
+def test_bf16_matmul_encoding_pads_sources_to_whole_key_blocks(wide_transformer):
+    """The source keys are padded to multiples of 32 before encoding under bf16 attention products:
+    a 44-piece sentence's cross-attention keys are then the same bits alone and beside a 71-piece
+    one (unpadded, the 44- and 71-key products sum in different blocks: measured to differ)."""
+    import copy
+
+    from seq2seq_cli.model import KEY_BLOCK
+    from seq2seq_cli.precision import bf16_matmuls, native_bf16
+    from seq2seq_cli.translate import set_precision
+
+    if not native_bf16():
+        pytest.skip("bf16 is emulated on this CPU")
+    model = set_precision(copy.deepcopy(wide_transformer), "bf16-matmul", torch.device("cpu"))
+    g = torch.Generator().manual_seed(6)
+    src = torch.zeros(2, 71, dtype=torch.long)
+    src[0, :44], src[1] = torch.randint(4, 512, (44,), generator=g), torch.randint(4, 512, (71,), generator=g)
+    with torch.inference_mode(), bf16_matmuls():
+        together, alone = model.start(src), model.start(src[:1, :44])
+    assert together.memory_mask.size(1) % KEY_BLOCK == 0 and alone.memory_mask.size(1) == 64
+    for (kb, vb), (ka, va) in zip(together.cross_kv, alone.cross_kv):
+        assert torch.equal(kb[0, :, :44], ka[0, :, :44]) and torch.equal(vb[0, :, :44], va[0, :, :44])

@@ -419,19 +419,22 @@ def test_low_precision_decoding_stays_close_to_fp32(e2e, translator, tmp_path: P
 def test_unknown_precision_is_a_one_line_error(e2e, tmp_path: Path) -> None:
     out = _decode(e2e.last, "--precision", "fp8", "-i", str(_write(tmp_path / "in.txt", ["one two"])))
     assert out.exit_code == 2
-    assert "--precision: Input should be 'auto', 'fp32', 'bf16', 'fp16' or 'int8' (got 'fp8')" in out.stderr
+    expected = "--precision: Input should be 'auto', 'fp32', 'bf16-matmul', 'bf16', 'fp16' or 'int8' (got 'fp8')"
+    assert expected in out.stderr
     assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------ batch invariance
 
 
-@pytest.mark.parametrize("precision", ["fp32"])
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_each_line_alone_equals_the_line_in_a_mixed_batch(e2e, precision: str) -> None:
-    """The precision `auto` decodes with (fp32) is batch-invariant: a line's translation does not
-    depend on the other lines of its batch (lengths, padding, beam rows of other sentences). bf16
-    is not guaranteed to be (its rounded matmul outputs depend on the batch shape's kernel), nor
-    is int8 (next test)."""
+    """The precisions `auto` decodes with (fp32; bf16-matmul where bf16 is native and its products
+    are row-invariant for the model's shapes, else fp32) are batch-invariant: a line's translation
+    does not depend on the other lines of its batch (lengths, padding, beam rows of other
+    sentences). bf16 is not (the fused attention kernel and lone-row products leave last-bit
+    differences that its roundings make visible), nor is int8 (next test). test_search checks
+    bf16-matmul bitwise on the default recipe's widths."""
     tr = Translator([e2e.last], "cpu", threads=1, options={"precision": precision, "workers": 1, "beam": 3})
     lines = LINES + [" ".join(WORDS[i : i + 1 + i % 9]) for i in range(0, 24, 3)]
     mixed = tr.translate_window(lines, tr.options(batch_tokens=100000))  # one batch with every line
@@ -440,6 +443,40 @@ def test_each_line_alone_equals_the_line_in_a_mixed_batch(e2e, precision: str) -
         alone = tr.translate_window([line])[0]
         assert [h.tokens for h in alone] == [h.tokens for h in together], line
         assert alone[0].score == pytest.approx(together[0].score, abs=1e-5)
+
+
+@pytest.mark.parametrize("asked,expected", [("auto", "fp32"), ("bf16-matmul", "bf16-matmul")])
+def test_bf16_matmul_is_checked_for_the_model_and_auto_falls_back(e2e, monkeypatch, caplog, asked, expected) -> None:
+    """Where the probe finds a bf16 product that depends on the other rows (a shape oneDNN computes
+    differently), `auto` decodes in fp32 instead, with one warning; an explicit bf16-matmul runs as
+    asked, with a warning that it is not batch-invariant here."""
+    import logging
+
+    import seq2seq_cli.translate as translate_module
+
+    monkeypatch.setattr(translate_module, "resolve_precision", lambda *a, **k: "bf16-matmul")
+    monkeypatch.setattr(translate_module, "bf16_products_agree", lambda model, beam: "a 64 -> 32 product differs")
+    with caplog.at_level(logging.WARNING, logger="seq2seq_cli.translate"):
+        tr = Translator([e2e.last], "cpu", threads=1, options={"precision": asked, "workers": 1})
+    assert tr.precision == expected
+    assert [r.getMessage() for r in caplog.records if "64 -> 32" in r.getMessage()]
+
+
+def test_bf16_products_probe_finds_a_row_dependent_shape() -> None:
+    """The probe itself: the default recipe's shapes pass on a CPU with AMX bf16 (measured), a
+    64 -> 32 layer fails there (a row's bits depend on its neighbours)."""
+    import torch
+
+    from seq2seq_cli.model import build_model
+    from seq2seq_cli.recipe import ModelConfig
+    from seq2seq_cli.translate import bf16_products_agree
+
+    if not (native_bf16() and torch.cpu._is_amx_tile_supported()):
+        pytest.skip("measured on AMX; other bf16 CPUs may differ either way")
+    small = ModelConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ff_dim=64, dropout=0.0)
+    assert "depends on the other rows" in (bf16_products_agree(build_model(small, 40, 40, 0, 2, 3)) or "")
+    wide = ModelConfig(d_model=256, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ff_dim=1024, dropout=0.0)
+    assert bf16_products_agree(build_model(wide, 8000, 8000, 0, 2, 3)) is None
 
 
 def test_int8_quantises_activations_per_batch_so_auto_never_picks_it() -> None:

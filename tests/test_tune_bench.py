@@ -186,15 +186,15 @@ def test_bench_json_reports_every_part(e2e) -> None:
         hand["flops_per_tgt_token"],
     )
     decode = {(d["beam"], d["precision"]): d for d in r["decode"]}
-    bf16 = {(5, "bf16")} if r["machine"]["native_bf16"] else set()
+    bf16 = {(5, "bf16-matmul"), (5, "bf16")} if r["machine"]["native_bf16"] else set()
     assert set(decode) == {(1, "fp32"), (5, "fp32"), (5, "int8")} | bf16
-    assert len(r["skipped"]) == 1 - len(bf16)
+    assert len(r["skipped"]) == 2 - len(bf16)
     for d in decode.values():
         assert d["sentences"] == 5 and d["sent_per_s"] > 0 and d["tgt_tokens_per_s"] > 0 and d["target_tokens"] >= 5
         assert 0 <= d["bleu"] <= 100 and 0 <= d["chrf"] <= 100  # scored against the first 5 references
     assert r["startup_s"] > 0
     m = r["machine"]
-    assert m["cpus"] >= 1 and m["cpu"] and m["auto_decode"] == "fp32"
+    assert m["cpus"] >= 1 and m["cpu"] and m["auto_decode"] == ("bf16-matmul" if m["native_bf16"] else "fp32")
     assert m["auto_train"] == ("bf16" if m["native_bf16"] else "fp32")
     assert m["description"].startswith(m["cpu"])
 
