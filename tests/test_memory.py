@@ -4,6 +4,7 @@ test's heap is in the way), a safe no-op where the C library is not glibc; the p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,3 +56,17 @@ def test_peak_rss_is_this_process_high_water_mark() -> None:
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert memory.peak_rss_mib() >= before and memory.peak_rss_mib() > 64
     del block
+
+
+def test_kernel_cache_caps_per_purpose_and_the_environment_wins(monkeypatch) -> None:
+    from seq2seq_cli.memory import bound_kernel_caches
+
+    for training, primitives in ((True, "16"), (False, "64")):
+        monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+        monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+        bound_kernel_caches(training)
+        assert os.environ["LRU_CACHE_CAPACITY"] == "8"
+        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == primitives
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    bound_kernel_caches(False)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
