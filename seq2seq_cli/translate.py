@@ -177,7 +177,7 @@ class Translator:
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else (0, 0)
         self.precision = resolve_precision(self.config.precision, self.device.type, "decode", capability)
         if self.precision == "bf16-matmul" and self.device.type == "cpu":
-            why = bf16_products_agree(loaded[0][0], self.config.beam)
+            why = next((w for m, _ in loaded if (w := bf16_products_agree(m, self.config.beam))), None)
             if why and self.config.precision == "auto":
                 log.warning("precision auto -> fp32 for decoding after all: with bf16 products %s on this CPU", why)
                 self.precision = "fp32"
