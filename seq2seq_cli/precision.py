@@ -22,13 +22,16 @@ batch (what `translate serve` and `translate decode` promise). Where that breaks
     differences that a bf16 rounding or an int8 quantisation of the next input turns into visible
     ones, which change beam decisions.
   * fp32 has the same last-bit differences, but they stay at fp32 rounding size: 0 of 150.
-  * bf16-matmul (decoding, CPU): every matrix product takes bf16 inputs with fp32 accumulation and
-    an fp32 result (oneDNN's bf16 fpmath mode for the linear layers; bf16 keys/values for the
-    attention products), everything between products (residual stream, LayerNorm, softmax) stays
-    fp32, attention is computed explicitly (model.MultiHeadAttention.kv_dtype) and a lone row is
-    multiplied as two (model.RowStableLinear). Those bf16 products agree bitwise whatever the
-    padding and the row count, so the only source of differences is gone: 0 of 150, and
-    1.14x (2 workers) to 1.35x (1 thread) faster than fp32 where bf16 is native. `auto` picks it there.
+  * bf16-matmul (decoding, CPU): linear layers keep fp32 weights and results and compute with
+    oneDNN's bf16 fpmath mode (bf16 inputs, fp32 accumulation), never with fewer rows than it
+    needs to take oneDNN's path (model.RowStableLinear); attention is computed explicitly on bf16
+    keys/values with an fp32 softmax (model.MultiHeadAttention.kv_dtype), over sources padded to
+    whole blocks of 32 keys (model.KEY_BLOCK); the residual stream and LayerNorm stay fp32. Those
+    products agree bitwise whatever the padding and the row count, for the shapes the Translator
+    checks at start-up (translate.bf16_products_agree): 0 of 150, 300 and 150 Bible lines and 0 of
+    400 LibreOffice lines (two models, beam 5 and greedy), 1.14x (2 workers) to 1.35x (1 thread)
+    faster than fp32 where bf16 is native. `auto` picks it there, and falls back to fp32 for a
+    model whose shapes fail the check.
 bf16 and int8 stay available by name (`--precision bf16`, the fastest where native). Training has no
 such contract and uses bf16 where native. "Native" needs both the instructions (torch's CPU probes)
 and oneDNN agreeing to use them: `ONEDNN_MAX_CPU_ISA=AVX2` on a bf16 machine makes it behave, and be
