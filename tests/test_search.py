@@ -280,26 +280,35 @@ def test_search_dispatch():
 # ------------------------------------------------------------------------------ the real Transformer
 
 
-@pytest.fixture(scope="module")
-def transformer():
+def _eos_boosted_model(seed: int, cfg: ModelConfig, vocab: int, boost: float):
     """A random model whose EOS embedding is scaled up, so hypotheses end at varied lengths
     (with the plain init every output runs to max_len and early finishing goes untested)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, ff_dim=64, dropout=0.0)
-    model = build_model(cfg, 40, 40, 0, 2, 3).eval()
+    torch.manual_seed(seed)
+    model = build_model(cfg, vocab, vocab, 0, 2, 3).eval()
     with torch.no_grad():
-        model.tgt_embed.weight[3] *= 10.0
+        model.tgt_embed.weight[3] *= boost
     return model
+
+
+def _random_sources(lengths: list[int], vocab: int, seed: int) -> torch.Tensor:
+    """(len(lengths), max length) source ids, padded with 0, drawn from the non-special ids."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
+    return src
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    cfg = ModelConfig(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, ff_dim=64, dropout=0.0)
+    return _eos_boosted_model(0, cfg, 40, 10.0)
 
 
 @pytest.fixture(scope="module")
 def batch():
-    g = torch.Generator().manual_seed(1)
     lengths = [7, 3, 9, 1, 5]
-    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for i, n in enumerate(lengths):
-        src[i, :n] = torch.randint(4, 40, (n,), generator=g)
-    return src, lengths
+    return _random_sources(lengths, 40, 1), lengths
 
 
 def real_opts(**kw) -> DecodeConfig:
@@ -503,12 +512,8 @@ def test_fill_holes_moves_only_the_tail_into_the_holes():
 def wide_transformer():
     """The default recipe's widths (256, 4 heads of 64, FFN 1024) with one layer each and 512 pieces:
     shapes whose bf16 products oneDNN computes row by row the same whatever the batch."""
-    torch.manual_seed(2)
     cfg = ModelConfig(d_model=256, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ff_dim=1024, dropout=0.0)
-    model = build_model(cfg, 512, 512, 0, 2, 3).eval()
-    with torch.no_grad():
-        model.tgt_embed.weight[3] *= 12.0
-    return model
+    return _eos_boosted_model(2, cfg, 512, 12.0)
 
 
 @pytest.mark.parametrize("beam", [1, 4])
@@ -528,11 +533,8 @@ def test_bf16_matmul_decoding_is_bitwise_batch_invariant(wide_transformer, beam)
     if why:  # then auto decodes in fp32 on this CPU (test_translate checks that fallback)
         pytest.skip(f"this CPU's bf16 products are not row-invariant for these shapes: {why}")
     model = set_precision(copy.deepcopy(wide_transformer), "bf16-matmul", torch.device("cpu"))
-    g = torch.Generator().manual_seed(5)
     lengths = [1, 3, 17, 29, 32, 33, 44, 64, 71]
-    src = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for i, n in enumerate(lengths):
-        src[i, :n] = torch.randint(4, 512, (n,), generator=g)
+    src = _random_sources(lengths, 512, 5)
     o = real_opts(beam=beam, max_len_a=0.5, max_len_b=8)
     with bf16_matmuls():
         together = search(model, src, o)
@@ -555,9 +557,7 @@ def test_bf16_matmul_encoding_pads_sources_to_whole_key_blocks(wide_transformer)
     if not native_bf16():
         pytest.skip("bf16 is emulated on this CPU")
     model = set_precision(copy.deepcopy(wide_transformer), "bf16-matmul", torch.device("cpu"))
-    g = torch.Generator().manual_seed(6)
-    src = torch.zeros(2, 71, dtype=torch.long)
-    src[0, :44], src[1] = torch.randint(4, 512, (44,), generator=g), torch.randint(4, 512, (71,), generator=g)
+    src = _random_sources([44, 71], 512, 6)
     with torch.inference_mode(), bf16_matmuls():
         together, alone = model.start(src), model.start(src[:1, :44])
     assert together.memory_mask.size(1) % KEY_BLOCK == 0 and alone.memory_mask.size(1) == 64
