@@ -62,8 +62,8 @@ def set_precision(model: torch.nn.Module, precision: str, device: torch.device) 
     """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy).
 
     bf16-matmul (see precision.py): the attention products and their stored keys/values in bf16,
-    linear layers that never multiply a lone row; the linear products themselves become bf16 ones
-    inside precision.bf16_matmuls(), which Translator.autocast() enters.
+    linear layers that always take oneDNN's path (model.RowStableLinear); the linear products
+    themselves become bf16 ones inside precision.bf16_matmuls(), which Translator.autocast() enters.
     """
     if precision == "bf16-matmul":
         if device.type != "cpu":
