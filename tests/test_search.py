@@ -563,3 +563,23 @@ def test_bf16_matmul_encoding_pads_sources_to_whole_key_blocks(wide_transformer)
     assert together.memory_mask.size(1) % KEY_BLOCK == 0 and alone.memory_mask.size(1) == 64
     for (kb, vb), (ka, va) in zip(together.cross_kv, alone.cross_kv):
         assert torch.equal(kb[0, :, :44], ka[0, :, :44]) and torch.equal(vb[0, :, :44], va[0, :, :44])
+
+
+def test_row_topk_equals_topk():
+    """The chunked pre-selection returns topk's values exactly (and its indices where values are
+    distinct), also with -inf (forbidden tokens), rows of equal values and a fall-back shape."""
+    from seq2seq_cli.search import _row_topk
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(50, 8000, generator=g).log_softmax(-1)
+    x[:5, ::3] = -math.inf
+    x[5] = -math.inf
+    x[6, 100:200] = 5.0  # a tie across chunks
+    for k in (1, 2, 10):
+        values, index = _row_topk(x, k)
+        ref = x.topk(k, dim=1)
+        assert torch.equal(values, ref.values)
+        assert torch.equal(x.gather(1, index), values)  # the indices point at those values
+        assert torch.equal(index[7:], ref.indices[7:])  # distinct values: the same indices
+    odd = torch.randn(3, 1001, generator=g)
+    assert torch.equal(_row_topk(odd, 4)[1], odd.topk(4, dim=1).indices)
