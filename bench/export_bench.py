@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,12 +42,10 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(kind: str, ckpt: str, export_dir: str, src: list[str], threads: int, beam: int) -> dict[str, Any]:
     """Load one decoder, warm it up on 16 lines, translate `src`; speed, tokens and outputs."""
+    from seq2seq_cli.memory import peak_rss_mib
+
     if kind.startswith("translate-"):
         import torch
 
@@ -81,7 +78,7 @@ def child(kind: str, ckpt: str, export_dir: str, src: list[str], threads: int, b
         "seconds": seconds,
         "tgt_tokens": tokens,
         "tgt_tokens_per_s": tokens / seconds,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "hyps": out,
         **extra,
     }
