@@ -34,6 +34,21 @@ def test_power_length_penalty_matches_formula():
     assert power_length_penalty(torch.tensor([20]), 0.6).item() == pytest.approx(20**0.6, rel=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["gnmt", "power"])
+def test_length_penalty_of_a_length_has_the_same_bits_in_any_tensor(kind):
+    """A length's penalty does not depend on how many other lengths are computed with it: torch's
+    elementwise pow gives the SIMD body and the scalar tail of a tensor different last bits, which
+    made a sentence's final score depend on how many hypotheses finished at the same step."""
+    for length in (13, 25, 61):
+        alone = length_penalty(torch.tensor([length]), 0.6, kind)[0]
+        for n in range(2, 70):
+            together = length_penalty(torch.tensor([3] * (n - 1) + [length]), 0.6, kind)
+            assert torch.equal(together[-1], alone), (length, n)
+            assert together[-1].item() == pytest.approx(
+                ((5 + length) / 6) ** 0.6 if kind == "gnmt" else length**0.6, rel=1e-7
+            )
+
+
 def test_length_penalty_dispatch_and_unknown_kind():
     n = torch.tensor([3])
     assert length_penalty(n, 1.0, "gnmt").item() == pytest.approx(8 / 6)
