@@ -22,16 +22,20 @@ batch (what `translate serve` and `translate decode` promise). Where that breaks
     differences that a bf16 rounding or an int8 quantisation of the next input turns into visible
     ones, which change beam decisions.
   * fp32 has the same last-bit differences, but they stay at fp32 rounding size: 0 of 150.
-  * bf16-matmul (decoding, CPU): linear layers keep fp32 weights and results and compute with
-    oneDNN's bf16 fpmath mode (bf16 inputs, fp32 accumulation), never with fewer rows than it
-    needs to take oneDNN's path (model.RowStableLinear); attention is computed explicitly on bf16
+  * bf16-matmul (decoding, CPU): every product takes bf16 inputs with fp32 accumulation, and only
+    in shapes whose rows get the same bits whatever else is in the product. Linear layers always
+    take oneDNN's path (never fewer rows than it needs: model.RowStableLinear); those the start-up
+    plan finds row-invariant as bf16 layers (translate.plan_bf16_matmul: on an AMX Xeon the
+    256-input ones) get bf16 weights and bf16 results, the others (there the 1024 -> 256 layer,
+    which sums in another order for 33-255 rows) and the output layer keep fp32 weights and fp32
+    results through oneDNN's bf16 fpmath mode. Attention is computed explicitly on bf16
     keys/values with an fp32 softmax (model.MultiHeadAttention.kv_dtype), over sources padded to
-    whole blocks of 32 keys (model.KEY_BLOCK); the residual stream and LayerNorm stay fp32. Those
-    products agree bitwise whatever the padding and the row count, for the shapes the Translator
-    checks at start-up (translate.bf16_products_agree): 0 of 150, 300 and 150 Bible lines and 0 of
-    400 LibreOffice lines (two models, beam 5 and greedy), 1.14x (2 workers) to 1.35x (1 thread)
-    faster than fp32 where bf16 is native. `auto` picks it there, and falls back to fp32 for a
-    model whose shapes fail the check.
+    whole blocks of 32 keys, at least two (model.KEY_BLOCK); the residual stream, LayerNorm, the
+    logits and the length penalty (computed per distinct length: penalties.py) stay fp32. Beam
+    search: 0 of 300 Bible lines differ alone vs batched, to the last bit of the score (2026-12-03,
+    30-minute model). Greedy: tokens equal, but 7 of 200 lines end with scores up to 1e-3 apart,
+    from a rounding difference not pinned down (it predates the bf16 layers). `auto` picks it
+    where bf16 is native, and falls back to fp32 for a model whose shapes fail the plan's check.
 bf16 and int8 stay available by name (`--precision bf16`, the fastest where native). Training has no
 such contract and uses bf16 where native. "Native" needs both the instructions (torch's CPU probes)
 and oneDNN agreeing to use them: `ONEDNN_MAX_CPU_ISA=AVX2` on a bf16 machine makes it behave, and be

@@ -27,9 +27,10 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .data import DataError, clean_line
@@ -44,6 +45,8 @@ __all__ = [
     "Translator",
     "TranslateStats",
     "set_precision",
+    "plan_bf16_matmul",
+    "Bf16Plan",
     "format_hypotheses",
     "run_decode",
     "LineInputs",
@@ -58,19 +61,29 @@ _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
 
 
-def set_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+LayerShape = tuple[int, int, bool]  # a linear layer's in_features, out_features, has a bias
+
+
+def set_precision(
+    model: torch.nn.Module, precision: str, device: torch.device, bf16_layers: Collection[LayerShape] = ()
+) -> torch.nn.Module:
     """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy).
 
-    bf16-matmul (see precision.py): the attention products and their stored keys/values in bf16,
-    linear layers that always take oneDNN's path (model.RowStableLinear); the linear products
-    themselves become bf16 ones inside precision.bf16_matmuls(), which Translator.autocast() enters.
+    bf16-matmul (see precision.py): linear layers that always take oneDNN's path
+    (model.RowStableLinear); those whose shape is in `bf16_layers` (see plan_bf16_matmul) get bf16
+    weights and give bf16 results, the others, and always the output layer, keep fp32 weights and
+    become bf16 products with fp32 results inside precision.bf16_matmuls() (which
+    Translator.autocast() enters); the attention products and their stored keys/values in bf16.
     """
     if precision == "bf16-matmul":
         if device.type != "cpu":
             raise DataError("precision bf16-matmul is for CPUs: use fp32 or bf16 on a GPU")
+        output = getattr(model, "output", None)
         for module in model.modules():
             if type(module) is torch.nn.Linear:
                 module.__class__ = RowStableLinear  # same parameters and state dict, another forward
+                if module is not output and _shape(module) in bf16_layers:
+                    module.to(torch.bfloat16)
             elif isinstance(module, MultiHeadAttention):
                 module.kv_dtype = torch.bfloat16
         return model
@@ -92,32 +105,60 @@ def set_precision(model: torch.nn.Module, precision: str, device: torch.device) 
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def bf16_products_agree(model: torch.nn.Module, beam: int = 5) -> Optional[str]:
-    """None when every product that bf16-matmul decoding of `model` runs gives a row the same bits
-    whatever other rows share the product, on this machine; else what differs.
+def _shape(layer: torch.nn.Linear) -> LayerShape:
+    return layer.in_features, layer.out_features, layer.bias is not None
 
-    oneDNN's kernels depend on the shapes: for this project's models (widths 256-8,000, head size
-    64) a row agrees bitwise at any position in any number of rows, but e.g. a 64 -> 32 product
-    does not (measured). So the claim is checked, on random numbers, for the model's own shapes:
-    each linear layer (a row at several positions among 1-130 rows) and the attention products
-    (a sentence's 32 keys alone and padded to 96 among others, 1, beam and 32 queries).
+
+@dataclass(frozen=True)
+class Bf16Plan:
+    """How bf16-matmul decodes one model on this CPU (plan_bf16_matmul)."""
+
+    bf16_layers: frozenset[LayerShape] = frozenset()  # shapes run with bf16 weights and results
+    problem: Optional[str] = None  # None when every product gives a row the same bits in any batch
+
+
+ROW_COUNTS = (1, 2, 5, 33, 64, 100, 200, 255, 256, 300, 512)
+"""Row counts whose products the plan compares with the first rows of a 1,000-row product: oneDNN
+picks its kernel and its blocking of the sum by the number of rows (measured on AMX: a 1024 -> 256
+bf16 layer sums in another order for 33-255 rows than for fewer or more)."""
+
+
+def _rows_agree(layer: torch.nn.Module, x: Tensor) -> bool:
+    """Whether every row of x gets the same bits from `layer` in each prefix of x as in all of x."""
+    full = layer(x)
+    return all(torch.equal(layer(x[:m]), full[:m]) for m in ROW_COUNTS if m < x.size(0))
+
+
+def plan_bf16_matmul(model: torch.nn.Module, beam: int = 5) -> Bf16Plan:
+    """Which linear layers of `model` bf16-matmul decoding runs as bf16 layers, and whether all of
+    its products give a row the same bits whatever other rows share them, on this machine.
+
+    oneDNN's kernels depend on the shapes and on the number of rows, so the claims are checked on
+    random numbers for the model's own shapes (50-100 ms, once per model): each linear layer over
+    1-1,000 rows (ROW_COUNTS), as a bf16 layer (bf16 weights, results rounded to bf16: half the
+    memory traffic, fewer conversions) where that agrees, else with fp32 weights and bf16 fpmath
+    (fp32 results), which the output layer always keeps so that the logits stay fp32; and the
+    attention products (a sentence's 32 keys alone and padded to 96 among others, 1, beam and 32
+    queries). problem names the first product that agrees neither way.
     """
     g = torch.Generator().manual_seed(0)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    shapes = {(m.in_features, m.out_features, m.bias is not None) for m in linears}
+    output = getattr(model, "output", None)
+    shapes = {(_shape(m), m is output) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     attention = next((m for m in model.modules() if isinstance(m, MultiHeadAttention)), None)
+    bf16: set[LayerShape] = set()
     with torch.inference_mode(), bf16_matmuls():
-        for d_in, d_out, bias in sorted(shapes):
-            probe = RowStableLinear(d_in, d_out, bias=bias, device="meta").to_empty(device="cpu")
-            for param in probe.parameters():
-                param.copy_(torch.randn(param.shape, generator=g))
-            row = torch.randn(1, d_in, generator=g)
-            alone = probe(row)[0]
-            for rows, pos in ((2, 1), (5, 3), (33, 0), (33, 20), (130, 129)):
-                x = torch.randn(rows, d_in, generator=g)
-                x[pos] = row
-                if not torch.equal(probe(x)[pos], alone):
-                    return f"a {d_in} -> {d_out} product depends on the other rows"
+        for (d_in, d_out, bias), is_output in sorted(shapes):
+            x = torch.randn(1000, d_in, generator=g)
+            for dtype in (torch.float32,) if is_output else (torch.bfloat16, torch.float32):
+                probe = RowStableLinear(d_in, d_out, bias=bias, device="meta", dtype=dtype).to_empty(device="cpu")
+                for param in probe.parameters():
+                    param.copy_(torch.randn(param.shape, generator=g))
+                if _rows_agree(probe, x):
+                    if dtype == torch.bfloat16:
+                        bf16.add((d_in, d_out, bias))
+                    break
+            else:
+                return Bf16Plan(frozenset(bf16), f"a {d_in} -> {d_out} product depends on the other rows")
         if attention is not None:
             h, d = attention.n_heads, attention.d_head
             for queries in sorted({1, beam, 32}):
@@ -129,8 +170,9 @@ def bf16_products_agree(model: torch.nn.Module, beam: int = 5) -> Optional[str]:
                 scores, ctx = q @ k.transpose(-2, -1), p @ k
                 alone = q[1:2] @ k[1:2, :, :32].transpose(-2, -1), p[1:2, ..., :32] @ k[1:2, :, :32]
                 if not (torch.equal(scores[1:2, ..., :32], alone[0]) and torch.equal(ctx[1:2], alone[1])):
-                    return f"attention products (head size {d}, {queries} queries) depend on the padding"
-    return None
+                    problem = f"attention products (head size {d}, {queries} queries) depend on the padding"
+                    return Bf16Plan(frozenset(bf16), problem)
+    return Bf16Plan(frozenset(bf16))
 
 
 @dataclass
@@ -176,14 +218,16 @@ class Translator:
         self.recipe = ckpts[0].recipe
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else (0, 0)
         self.precision = resolve_precision(self.config.precision, self.device.type, "decode", capability)
+        plans = [Bf16Plan()] * len(loaded)
         if self.precision == "bf16-matmul" and self.device.type == "cpu":
-            why = next((w for m, _ in loaded if (w := bf16_products_agree(m, self.config.beam))), None)
+            plans = [plan_bf16_matmul(m, self.config.beam) for m, _ in loaded]
+            why = next((p.problem for p in plans if p.problem), None)
             if why and self.config.precision == "auto":
                 log.warning("precision auto -> fp32 for decoding after all: with bf16 products %s on this CPU", why)
                 self.precision = "fp32"
             elif why:
                 log.warning("precision bf16-matmul: not batch-invariant for this model here (%s)", why)
-        models = [set_precision(m, self.precision, self.device) for m, _ in loaded]
+        models = [set_precision(m, self.precision, self.device, p.bf16_layers) for (m, _), p in zip(loaded, plans)]
         self.model = models[0] if len(models) == 1 else Ensemble(models)
         self.max_src = min(m.cfg.max_positions for m in models) - 1
         self.stats = TranslateStats(config=self.config)

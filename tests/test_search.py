@@ -525,14 +525,14 @@ def test_bf16_matmul_decoding_is_bitwise_batch_invariant(wide_transformer, beam)
     import copy
 
     from seq2seq_cli.precision import bf16_matmuls, native_bf16
-    from seq2seq_cli.translate import bf16_products_agree, set_precision
+    from seq2seq_cli.translate import plan_bf16_matmul, set_precision
 
     if not native_bf16():
         pytest.skip("bf16 is emulated on this CPU: auto never picks bf16-matmul here")
-    why = bf16_products_agree(wide_transformer, beam)
-    if why:  # then auto decodes in fp32 on this CPU (test_translate checks that fallback)
-        pytest.skip(f"this CPU's bf16 products are not row-invariant for these shapes: {why}")
-    model = set_precision(copy.deepcopy(wide_transformer), "bf16-matmul", torch.device("cpu"))
+    plan = plan_bf16_matmul(wide_transformer, beam)
+    if plan.problem:  # then auto decodes in fp32 on this CPU (test_translate checks that fallback)
+        pytest.skip(f"this CPU's bf16 products are not row-invariant for these shapes: {plan.problem}")
+    model = set_precision(copy.deepcopy(wide_transformer), "bf16-matmul", torch.device("cpu"), plan.bf16_layers)
     lengths = [1, 3, 17, 29, 32, 33, 44, 64, 71]
     src = _random_sources(lengths, 512, 5)
     o = real_opts(beam=beam, max_len_a=0.5, max_len_b=8)

@@ -455,28 +455,43 @@ def test_bf16_matmul_is_checked_for_the_model_and_auto_falls_back(e2e, monkeypat
     import seq2seq_cli.translate as translate_module
 
     monkeypatch.setattr(translate_module, "resolve_precision", lambda *a, **k: "bf16-matmul")
-    monkeypatch.setattr(translate_module, "bf16_products_agree", lambda model, beam: "a 64 -> 32 product differs")
+    monkeypatch.setattr(
+        translate_module,
+        "plan_bf16_matmul",
+        lambda model, beam: translate_module.Bf16Plan(problem="a 64 -> 32 product differs"),
+    )
     with caplog.at_level(logging.WARNING, logger="seq2seq_cli.translate"):
         tr = Translator([e2e.last], "cpu", threads=1, options={"precision": asked, "workers": 1})
     assert tr.precision == expected
     assert [r.getMessage() for r in caplog.records if "64 -> 32" in r.getMessage()]
 
 
-def test_bf16_products_probe_finds_a_row_dependent_shape() -> None:
-    """The probe itself: the default recipe's shapes pass on a CPU with AMX bf16 (measured), a
-    64 -> 32 layer fails there (a row's bits depend on its neighbours)."""
+def test_bf16_plan_finds_a_row_dependent_shape_and_picks_bf16_layers_per_shape() -> None:
+    """The plan itself, on a CPU with AMX bf16 (measured there): at the default recipe's widths the
+    256-input layers run as bf16 layers, the 1024 -> 256 one keeps fp32 weights (as a bf16 layer it
+    sums in another order for 33-255 rows than for fewer or more), the output layer always fp32;
+    a 64 -> 40 output layer fails (a row's bits depend on its neighbours)."""
     import torch
 
     from seq2seq_cli.model import build_model
     from seq2seq_cli.recipe import ModelConfig
-    from seq2seq_cli.translate import bf16_products_agree
+    from seq2seq_cli.translate import plan_bf16_matmul, set_precision
 
     if not (native_bf16() and torch.cpu._is_amx_tile_supported()):
         pytest.skip("measured on AMX; other bf16 CPUs may differ either way")
-    small = ModelConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ff_dim=64, dropout=0.0)
-    assert "depends on the other rows" in (bf16_products_agree(build_model(small, 40, 40, 0, 2, 3)) or "")
+    small = ModelConfig(d_model=64, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ff_dim=128, dropout=0.0)
+    assert "a 64 -> 40 product depends on the other rows" in (
+        plan_bf16_matmul(build_model(small, 40, 40, 0, 2, 3)).problem or ""
+    )
     wide = ModelConfig(d_model=256, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ff_dim=1024, dropout=0.0)
-    assert bf16_products_agree(build_model(wide, 8000, 8000, 0, 2, 3)) is None
+    model = build_model(wide, 8000, 8000, 0, 2, 3)
+    plan = plan_bf16_matmul(model)
+    assert plan.problem is None
+    assert plan.bf16_layers == {(256, 256, True), (256, 512, True), (256, 1024, True)}
+    set_precision(model, "bf16-matmul", torch.device("cpu"), plan.bf16_layers)
+    layer = model.decoder[0]
+    assert layer.ffn.fc1.weight.dtype == layer.self_attn.kv_proj.weight.dtype == torch.bfloat16
+    assert layer.ffn.fc2.weight.dtype == model.output.weight.dtype == torch.float32
 
 
 def test_int8_quantises_activations_per_batch_so_auto_never_picks_it() -> None:
