@@ -114,14 +114,23 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         need_weights: bool = False,
         average_heads: bool = True,
+        fixed_keys: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
         """q (B, T, D) projected here; k, v (B, H, S, Dh); mask broadcastable to (B, H, T, S).
-        With need_weights and average_heads=False the weights are per head, (B, H, T, S)."""
+        With need_weights and average_heads=False the weights are per head, (B, H, T, S).
+
+        fixed_keys: S is the same for a row whatever batch it is in (a self-attention cache, whose
+        capacity follows the step alone). Then bf16 products (kv_dtype) may take the fused
+        kernel, whose sums depend on S only: 1.6-1.8x faster than the explicit path for one query
+        over 16-96 keys (measured, AMX Xeon), and as batch-invariant there."""
         b, t, d = q.shape
         qh = self.split_heads(self.q_proj(q))  # (B, H, T, Dh)
         p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or (not self.training and (t <= 16 or self.kv_dtype is not None)):
+        if fixed_keys and self.kv_dtype is not None and not (need_weights or self.training):
+            kv = self.kv_dtype
+            ctx = F.scaled_dot_product_attention(qh.to(kv), k.to(kv), v.to(kv), attn_mask=mask).to(qh.dtype)
+        elif need_weights or (not self.training and (t <= 16 or self.kv_dtype is not None)):
             # explicit softmax(QK^T/sqrt(d))V: also the fast path for the few queries of a decoding
             # step, where the fused kernel's set-up costs more than the work (measured 1.5-2.5x)
             mm = self.kv_dtype or qh.dtype  # the products' input dtype
@@ -290,8 +299,8 @@ class DecoderLayer(nn.Module):
         h = self.sub1.inp(x)
         k, v = self.self_attn.keys_values(h)  # (N, H, 1, Dh)
         cache = _cache_write(cache, k, v, pos, stored_dtype(k, self.self_attn.kv_dtype))
-        visible = torch.arange(cache[0].size(2), device=x.device) <= pos  # (C,)
-        x = self.sub1.out(x, self.self_attn.attend(h, *cache, mask=visible)[0])
+        visible = (torch.arange(cache[0].size(2), device=x.device) <= pos)[None]  # (1, C)
+        x = self.sub1.out(x, self.self_attn.attend(h, *cache, mask=visible, fixed_keys=True)[0])
         x, weights = self._cross_and_ffn(x, cross_kv, src_mask, need_weights, group)
         return x, cache, weights
 
