@@ -15,7 +15,7 @@ the default recipe (bf16, 1 thread, Intel Xeon with AMX): after 100 updates RSS 
                         each holding its scratch memory), through their environment variables, which
                         are read at first use: torch's own (ideep's LRU_CACHE_CAPACITY, default
                         1,024) to 8 for training and decoding, and oneDNN's primitive cache
-                        (ONEDNN_PRIMITIVE_CACHE_CAPACITY, default 1,024) to 16 for training and 64
+                        (ONEDNN_PRIMITIVE_CACHE_CAPACITY, default 1,024) to 16 for training and 32
                         for decoding. A value already in the environment wins.
 
 Why the kernel caches: training's and decoding's batch shapes rarely repeat, so the caches fill
@@ -27,7 +27,9 @@ speed. oneDNN's own cache: after 100 updates 3,111 MiB at 128, 1,759 at 16, same
 slower (16 still holds one layer's shapes for the next layers of the same update). Decoding with
 bf16-matmul (whole Bible test, 2 workers): 1,274 MB at 76.1 sent/s with oneDNN's cache at 1,024,
 841 at 128, 764 at 64 (72.4 sent/s), 671 at 16 (62.2: a decoding step's ~15 shapes per worker no
-longer fit).
+longer fit). With bf16 layers and the fused self-attention (fewer oneDNN shapes per step; today's
+model, 2026-12-02, three runs each): 865-931 MB at 64, 816-847 at 32, 759-813 at 16, at the same
+speed within the runs' noise (92.6-102.6 sent/s), so decoding now caps it at 32.
 
 Measured against trimming every 10 updates (1.70 GB peak, 4% slower): every 50 costs nothing
 measurable. This room imports nothing of the package. Public names: release_free_heap,
@@ -79,7 +81,7 @@ def peak_rss_mib() -> float:
 
 def bound_kernel_caches(training: bool) -> None:
     """Cap torch's (ideep's) oneDNN kernel cache at 8 entries, and oneDNN's primitive cache at 16
-    when training and 64 when decoding, unless the environment already sets them. Call before the
+    when training and 32 when decoding, unless the environment already sets them. Call before the
     first matmul."""
     os.environ.setdefault("LRU_CACHE_CAPACITY", "8")
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16" if training else "64")
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16" if training else "32")

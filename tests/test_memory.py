@@ -61,7 +61,7 @@ def test_peak_rss_is_this_process_high_water_mark() -> None:
 def test_kernel_cache_caps_per_purpose_and_the_environment_wins(monkeypatch) -> None:
     from seq2seq_cli.memory import bound_kernel_caches
 
-    for training, primitives in ((True, "16"), (False, "64")):
+    for training, primitives in ((True, "16"), (False, "32")):
         monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
         monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
         bound_kernel_caches(training)
