@@ -61,12 +61,20 @@ class RowStableLinear(nn.Linear):
     model needs it only for a lone row.
 
     The input is cast to the weight's dtype: with bf16 weights the layer takes any input and
-    returns bf16 (fp32 accumulation inside the product)."""
+    returns bf16 (fp32 accumulation inside the product). `row_floor` (set per layer by
+    translate.set_precision, from the start-up plan): products of more than SMALL_ROWS and fewer
+    than row_floor rows are padded to row_floor rows, for a shape that oneDNN sums in another order
+    only in that range (a 1024 -> 256 bf16 layer on an AMX Xeon: 33-255 rows)."""
+
+    SMALL_ROWS = 32
+    row_floor: int = 0
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.weight.dtype)
         rows = x.numel() // x.size(-1)
         need = max(2, 256 // self.in_features + 1)
+        if self.SMALL_ROWS < rows < self.row_floor:
+            need = self.row_floor
         if rows >= need:
             return super().forward(x)
         flat = x.reshape(rows, -1)

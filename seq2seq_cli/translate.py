@@ -27,7 +27,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -65,25 +65,27 @@ LayerShape = tuple[int, int, bool]  # a linear layer's in_features, out_features
 
 
 def set_precision(
-    model: torch.nn.Module, precision: str, device: torch.device, bf16_layers: Collection[LayerShape] = ()
+    model: torch.nn.Module, precision: str, device: torch.device, bf16_layers: Optional[Mapping[LayerShape, int]] = None
 ) -> torch.nn.Module:
     """The model to decode with at `precision` (fp32 and bf16: the model itself; int8: a quantised copy).
 
     bf16-matmul (see precision.py): linear layers that always take oneDNN's path
-    (model.RowStableLinear); those whose shape is in `bf16_layers` (see plan_bf16_matmul) get bf16
-    weights and give bf16 results, the others, and always the output layer, keep fp32 weights and
+    (model.RowStableLinear); those whose shape is in `bf16_layers` (see plan_bf16_matmul: shape ->
+    the layer's row_floor) get bf16 weights and give bf16 results, the others, and always the
+    output layer, keep fp32 weights and
     become bf16 products with fp32 results inside precision.bf16_matmuls() (which
     Translator.autocast() enters); the attention products and their stored keys/values in bf16.
     """
     if precision == "bf16-matmul":
         if device.type != "cpu":
             raise DataError("precision bf16-matmul is for CPUs: use fp32 or bf16 on a GPU")
-        output = getattr(model, "output", None)
+        output, bf16_layers = getattr(model, "output", None), bf16_layers or {}
         for module in model.modules():
             if type(module) is torch.nn.Linear:
                 module.__class__ = RowStableLinear  # same parameters and state dict, another forward
                 if module is not output and _shape(module) in bf16_layers:
                     module.to(torch.bfloat16)
+                    module.row_floor = bf16_layers[_shape(module)]
             elif isinstance(module, MultiHeadAttention):
                 module.kv_dtype = torch.bfloat16
         return model
@@ -113,7 +115,7 @@ def _shape(layer: torch.nn.Linear) -> LayerShape:
 class Bf16Plan:
     """How bf16-matmul decodes one model on this CPU (plan_bf16_matmul)."""
 
-    bf16_layers: frozenset[LayerShape] = frozenset()  # shapes run with bf16 weights and results
+    bf16_layers: Mapping[LayerShape, int] = field(default_factory=dict)  # shapes run as bf16 layers -> row_floor
     problem: Optional[str] = None  # None when every product gives a row the same bits in any batch
 
 
@@ -134,10 +136,11 @@ def plan_bf16_matmul(model: torch.nn.Module, beam: int = 5) -> Bf16Plan:
     its products give a row the same bits whatever other rows share them, on this machine.
 
     oneDNN's kernels depend on the shapes and on the number of rows, so the claims are checked on
-    random numbers for the model's own shapes (50-100 ms, once per model): each linear layer over
+    random numbers for the model's own shapes (60-100 ms, once per model): each linear layer over
     1-1,000 rows (ROW_COUNTS), as a bf16 layer (bf16 weights, results rounded to bf16: half the
-    memory traffic, fewer conversions) where that agrees, else with fp32 weights and bf16 fpmath
-    (fp32 results), which the output layer always keeps so that the logits stay fp32; and the
+    memory traffic, fewer conversions) where that agrees, else as a bf16 layer whose products of
+    33-255 rows are padded to 256 (RowStableLinear.row_floor), else with fp32 weights and bf16
+    fpmath (fp32 results), which the output layer always keeps so that the logits stay fp32; and the
     attention products (a sentence's 32 keys alone and padded to 96 among others, 1, beam and 32
     queries). problem names the first product that agrees neither way.
     """
@@ -145,20 +148,22 @@ def plan_bf16_matmul(model: torch.nn.Module, beam: int = 5) -> Bf16Plan:
     output = getattr(model, "output", None)
     shapes = {(_shape(m), m is output) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     attention = next((m for m in model.modules() if isinstance(m, MultiHeadAttention)), None)
-    bf16: set[LayerShape] = set()
+    bf16: dict[LayerShape, int] = {}
+    ways = ((torch.bfloat16, 0), (torch.bfloat16, 256), (torch.float32, 0))  # dtype, row_floor
     with torch.inference_mode(), bf16_matmuls():
         for (d_in, d_out, bias), is_output in sorted(shapes):
             x = torch.randn(1000, d_in, generator=g)
-            for dtype in (torch.float32,) if is_output else (torch.bfloat16, torch.float32):
+            for dtype, floor in ways[2:] if is_output else ways:
                 probe = RowStableLinear(d_in, d_out, bias=bias, device="meta", dtype=dtype).to_empty(device="cpu")
+                probe.row_floor = floor
                 for param in probe.parameters():
                     param.copy_(torch.randn(param.shape, generator=g))
                 if _rows_agree(probe, x):
                     if dtype == torch.bfloat16:
-                        bf16.add((d_in, d_out, bias))
+                        bf16[(d_in, d_out, bias)] = floor
                     break
             else:
-                return Bf16Plan(frozenset(bf16), f"a {d_in} -> {d_out} product depends on the other rows")
+                return Bf16Plan(bf16, f"a {d_in} -> {d_out} product depends on the other rows")
         if attention is not None:
             h, d = attention.n_heads, attention.d_head
             for queries in sorted({1, beam, 32}):
@@ -171,8 +176,8 @@ def plan_bf16_matmul(model: torch.nn.Module, beam: int = 5) -> Bf16Plan:
                 alone = q[1:2] @ k[1:2, :, :32].transpose(-2, -1), p[1:2, ..., :32] @ k[1:2, :, :32]
                 if not (torch.equal(scores[1:2, ..., :32], alone[0]) and torch.equal(ctx[1:2], alone[1])):
                     problem = f"attention products (head size {d}, {queries} queries) depend on the padding"
-                    return Bf16Plan(frozenset(bf16), problem)
-    return Bf16Plan(frozenset(bf16))
+                    return Bf16Plan(bf16, problem)
+    return Bf16Plan(bf16)
 
 
 @dataclass

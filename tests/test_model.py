@@ -618,3 +618,24 @@ def test_row_stable_linear_gives_a_lone_row_its_bits_from_a_larger_product() -> 
         batched = plain(rows)
         assert not all(torch.equal(plain(rows[i : i + 1])[0], batched[i]) for i in range(40))
         assert all(torch.equal(guarded(rows[i : i + 1])[0], batched[i]) for i in range(40))
+
+
+def test_row_floor_gives_rows_in_the_padded_range_the_bits_of_a_larger_product() -> None:
+    """A 1024 -> 256 bf16 layer on AMX sums 33-255 rows in another order than 256 or more: rows
+    differ bitwise from the same rows inside a 300-row product (measured), unless row_floor pads
+    those products to 256 rows; small products (<= 32 rows) are left as they are."""
+    from seq2seq_cli.model import RowStableLinear
+
+    if not (torch.backends.mkldnn.is_available() and torch.cpu._is_amx_tile_supported()):
+        pytest.skip("measured on AMX; other CPUs sum in other orders")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1024, 256).to(torch.bfloat16)
+    layer.__class__ = RowStableLinear
+    rows = torch.randn(300, 1024).relu().bfloat16()
+    with torch.no_grad():
+        full = layer(rows)
+        assert any(not torch.equal(layer(rows[:m]), full[:m]) for m in (64, 100, 200, 255))
+        layer.row_floor = 256
+        for m in (1, 5, 33, 64, 100, 200, 255, 256):
+            out = layer(rows[:m])
+            assert out.shape == (m, 256) and torch.equal(out, full[:m]), m

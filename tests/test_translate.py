@@ -468,9 +468,9 @@ def test_bf16_matmul_is_checked_for_the_model_and_auto_falls_back(e2e, monkeypat
 
 def test_bf16_plan_finds_a_row_dependent_shape_and_picks_bf16_layers_per_shape() -> None:
     """The plan itself, on a CPU with AMX bf16 (measured there): at the default recipe's widths the
-    256-input layers run as bf16 layers, the 1024 -> 256 one keeps fp32 weights (as a bf16 layer it
-    sums in another order for 33-255 rows than for fewer or more), the output layer always fp32;
-    a 64 -> 40 output layer fails (a row's bits depend on its neighbours)."""
+    256-input layers run as bf16 layers, the 1024 -> 256 one too but with its products of 33-255
+    rows padded to 256 (in that range it sums in another order than for fewer or more rows), the
+    output layer always fp32; a 64 -> 40 output layer fails (a row's bits depend on its neighbours)."""
     import torch
 
     from seq2seq_cli.model import build_model
@@ -487,11 +487,12 @@ def test_bf16_plan_finds_a_row_dependent_shape_and_picks_bf16_layers_per_shape()
     model = build_model(wide, 8000, 8000, 0, 2, 3)
     plan = plan_bf16_matmul(model)
     assert plan.problem is None
-    assert plan.bf16_layers == {(256, 256, True), (256, 512, True), (256, 1024, True)}
+    assert plan.bf16_layers == {(256, 256, True): 0, (256, 512, True): 0, (256, 1024, True): 0, (1024, 256, True): 256}
     set_precision(model, "bf16-matmul", torch.device("cpu"), plan.bf16_layers)
     layer = model.decoder[0]
-    assert layer.ffn.fc1.weight.dtype == layer.self_attn.kv_proj.weight.dtype == torch.bfloat16
-    assert layer.ffn.fc2.weight.dtype == model.output.weight.dtype == torch.float32
+    assert layer.ffn.fc1.weight.dtype == layer.ffn.fc2.weight.dtype == torch.bfloat16
+    assert (layer.ffn.fc1.row_floor, layer.ffn.fc2.row_floor) == (0, 256)
+    assert model.output.weight.dtype == torch.float32
 
 
 def test_int8_quantises_activations_per_batch_so_auto_never_picks_it() -> None:
