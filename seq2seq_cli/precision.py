@@ -26,12 +26,13 @@ batch (what `translate serve` and `translate decode` promise). Where that breaks
     in shapes whose rows get the same bits whatever else is in the product. Linear layers always
     take oneDNN's path (never fewer rows than it needs: model.RowStableLinear); those the start-up
     plan finds row-invariant as bf16 layers (translate.plan_bf16_matmul: on an AMX Xeon the
-    256-input ones) get bf16 weights and bf16 results, the others (there the 1024 -> 256 layer,
-    which sums in another order for 33-255 rows) and the output layer keep fp32 weights and fp32
-    results through oneDNN's bf16 fpmath mode. Attention is computed explicitly on bf16
-    keys/values with an fp32 softmax (model.MultiHeadAttention.kv_dtype), over sources padded to
-    whole blocks of 32 keys, at least two (model.KEY_BLOCK), except the self-attention over its
-    cache, whose length follows the step alone and which takes the fused kernel; the residual
+    256-input ones, and the 1024 -> 256 one with its products of 33-255 rows, where it sums in
+    another order, padded to 256 rows) get bf16 weights and bf16 results; any other, and always
+    the output layer, keeps fp32 weights and fp32 results through oneDNN's bf16 fpmath mode.
+    Attention is computed explicitly on bf16 keys/values with an fp32 softmax
+    (model.MultiHeadAttention.kv_dtype), over sources padded to whole blocks of 32 keys, at least
+    two (model.KEY_BLOCK), except the self-attention over its cache, whose length follows the step
+    alone and which takes the fused kernel; the residual
     stream, LayerNorm, the logits and the length penalty (computed per distinct length:
     penalties.py) stay fp32. Alone vs batched, to the last bit of the score (2026-12-02, 30-minute
     Bible model): 0 of 300 + 200 lines (beam 5) and 0 of 200 (greedy; with the explicit
