@@ -32,12 +32,12 @@ batch (what `translate serve` and `translate decode` promise). Where that breaks
     Attention is computed explicitly on bf16 keys/values with an fp32 softmax
     (model.MultiHeadAttention.kv_dtype), over sources padded to whole blocks of 32 keys, at least
     two (model.KEY_BLOCK), except the self-attention over its cache, whose length follows the step
-    alone and which takes the fused kernel; the residual
-    stream, LayerNorm, the logits and the length penalty (computed per distinct length:
-    penalties.py) stay fp32. Alone vs batched, to the last bit of the score (2026-12-02, 30-minute
-    Bible model): 0 of 300 + 200 lines (beam 5) and 0 of 200 (greedy; with the explicit
-    self-attention 7 of 200 greedy scores differed by up to 1e-3, tokens equal). `auto` picks it
-    where bf16 is native, and falls back to fp32 for a model whose shapes fail the plan's check.
+    alone and which takes the fused kernel; the residual stream, LayerNorm, the logits and the
+    length penalty (computed per distinct length: penalties.py) stay fp32. Alone vs batched, to
+    the last bit of the score (2026-12-02, 30-minute Bible model): 0 of 300 + 200 lines (beam 5)
+    and 0 of 200 (greedy; with the explicit self-attention 7 of 200 greedy scores differed by up
+    to 1e-3, tokens equal). `auto` picks it where bf16 is native, and falls back to fp32 for a
+    model whose shapes fail the plan's check.
 bf16 and int8 stay available by name (`--precision bf16`, the fastest where native). Training has no
 such contract and uses bf16 where native. "Native" needs both the instructions (torch's CPU probes)
 and oneDNN agreeing to use them: `ONEDNN_MAX_CPU_ISA=AVX2` on a bf16 machine makes it behave, and be

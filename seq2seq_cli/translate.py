@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model
@@ -72,9 +73,9 @@ def set_precision(
     bf16-matmul (see precision.py): linear layers that always take oneDNN's path
     (model.RowStableLinear); those whose shape is in `bf16_layers` (see plan_bf16_matmul: shape ->
     the layer's row_floor) get bf16 weights and give bf16 results, the others, and always the
-    output layer, keep fp32 weights and
-    become bf16 products with fp32 results inside precision.bf16_matmuls() (which
-    Translator.autocast() enters); the attention products and their stored keys/values in bf16.
+    output layer, keep fp32 weights and become bf16 products with fp32 results inside
+    precision.bf16_matmuls() (which Translator.autocast() enters); the attention products and
+    their stored keys/values in bf16.
     """
     if precision == "bf16-matmul":
         if device.type != "cpu":
@@ -140,9 +141,10 @@ def plan_bf16_matmul(model: torch.nn.Module, beam: int = 5) -> Bf16Plan:
     1-1,000 rows (ROW_COUNTS), as a bf16 layer (bf16 weights, results rounded to bf16: half the
     memory traffic, fewer conversions) where that agrees, else as a bf16 layer whose products of
     33-255 rows are padded to 256 (RowStableLinear.row_floor), else with fp32 weights and bf16
-    fpmath (fp32 results), which the output layer always keeps so that the logits stay fp32; and the
-    attention products (a sentence's 32 keys alone and padded to 96 among others, 1, beam and 32
-    queries). problem names the first product that agrees neither way.
+    fpmath (fp32 results), which the output layer always keeps so that the logits stay fp32; the
+    cross-attention products (a sentence's 64 keys alone and padded to 128 among others, 1, beam
+    and 32 queries) and the fused self-attention (a row alone and among 40). problem names the
+    first product that agrees in no way tried.
     """
     g = torch.Generator().manual_seed(0)
     output = getattr(model, "output", None)
@@ -167,16 +169,27 @@ def plan_bf16_matmul(model: torch.nn.Module, beam: int = 5) -> Bf16Plan:
         if attention is not None:
             h, d = attention.n_heads, attention.d_head
             for queries in sorted({1, beam, 32}):
+                # cross-attention: a sentence's 64 keys (the least model.start pads to) alone and
+                # padded to 128 among others
                 q = torch.randn(3, h, queries, d, generator=g).bfloat16()
-                k = torch.zeros(3, h, 96, d, dtype=torch.bfloat16)
-                k[:, :, :32] = torch.randn(3, h, 32, d, generator=g)
-                p = torch.zeros(3, h, queries, 96, dtype=torch.bfloat16)
-                p[..., :32] = torch.rand(3, h, queries, 32, generator=g)
+                k = torch.zeros(3, h, 128, d, dtype=torch.bfloat16)
+                k[:, :, :64] = torch.randn(3, h, 64, d, generator=g)
+                p = torch.zeros(3, h, queries, 128, dtype=torch.bfloat16)
+                p[..., :64] = torch.rand(3, h, queries, 64, generator=g)
                 scores, ctx = q @ k.transpose(-2, -1), p @ k
-                alone = q[1:2] @ k[1:2, :, :32].transpose(-2, -1), p[1:2, ..., :32] @ k[1:2, :, :32]
-                if not (torch.equal(scores[1:2, ..., :32], alone[0]) and torch.equal(ctx[1:2], alone[1])):
+                alone = q[1:2] @ k[1:2, :, :64].transpose(-2, -1), p[1:2, ..., :64] @ k[1:2, :, :64]
+                if not (torch.equal(scores[1:2, ..., :64], alone[0]) and torch.equal(ctx[1:2], alone[1])):
                     problem = f"attention products (head size {d}, {queries} queries) depend on the padding"
                     return Bf16Plan(bf16, problem)
+            # self-attention over a cache (fused kernel, same key length): one row alone and among 40
+            q = torch.randn(40, h, 1, d, generator=g).bfloat16()
+            k, v = (torch.randn(40, h, 48, d, generator=g).bfloat16() for _ in range(2))
+            visible = (torch.arange(48) < 37)[None]
+            together = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            if not torch.equal(
+                F.scaled_dot_product_attention(q[7:8], k[7:8], v[7:8], attn_mask=visible), together[7:8]
+            ):
+                return Bf16Plan(bf16, f"the fused self-attention (head size {d}) depends on the other rows")
     return Bf16Plan(bf16)
 
 
