@@ -91,8 +91,9 @@ class MultiHeadAttention(nn.Module):
     `kv_dtype` (None unless decoding with bf16 matmuls sets it): at inference the two products
     Q K^T and P V take their inputs in this dtype, with fp32 accumulation; the keys/values are
     stored in it; the scores are scaled, masked and normalised in fp32. The explicit path is used
-    then for every query length: unlike the fused SDPA kernel, its bf16 products agree bitwise
-    whatever the padding and the number of rows (measured), which batch-invariant decoding needs.
+    then for every query length, except over keys whose length does not depend on the batch
+    (`fixed_keys`): unlike the fused SDPA kernel, its bf16 products agree bitwise whatever the
+    padding and the number of rows (measured), which batch-invariant decoding needs.
     The context keeps the query's dtype (bf16 when the projections are bf16 layers).
     """
 
